@@ -14,7 +14,10 @@ if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
 fi
 
 [[ -x $VENV/bin/python ]] || "$PY" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+pip() {  # quiet, minus this machine's notes about local package folders it does not have
+    "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+    return "${PIPESTATUS[0]}"
+}
 pip install --upgrade pip setuptools wheel
 # The CPU build lies on local disk; installing it before anything else stops a CUDA build being pulled in.
 pip install "torch==2.13.0"

@@ -1,0 +1,19 @@
+# `make demo` and `make test` set up the environment themselves (scripts/setup.sh is idempotent).
+PY := .venv/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export DS_ACCELERATOR := cpu
+
+.PHONY: setup test test-fast demo
+
+setup:
+	@bash scripts/setup.sh
+
+# pytest exits 5 when it collects no test: not a failure of the suite.
+test: setup
+	@$(PY) -m pytest -q --timeout 1800 tests; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+test-fast: setup
+	@$(PY) -m pytest -q -m "not slow" tests; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
