@@ -1,0 +1,47 @@
+"""Reward functions with the signature TRL's GRPOTrainer calls: f(prompts, completions, **columns) -> list[float].
+
+The gold answer comes from the dataset column `answer`. Completions may be plain strings or, for
+conversational datasets, lists of messages (the last message's content is scored).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reward.extract import extract_answer, has_final_answer_format
+from reward.verify import Verifier, default_verifier
+
+
+def completion_text(completion: Any) -> str:
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    raise TypeError(f"a completion must be a string or a list of chat messages, got {type(completion).__name__}")
+
+
+def make_accuracy_reward(fallback: str = "last_number", verifier: Verifier | None = None):
+    """1.0 when the extracted final answer equals the gold `answer` under math-verify, else 0.0."""
+
+    def accuracy_reward(prompts=None, completions=(), answer=(), **kwargs) -> list[float]:
+        if len(answer) != len(completions):
+            raise ValueError(f"accuracy_reward: {len(completions)} completions but {len(answer)} gold answers (dataset column 'answer')")
+        predictions = [extract_answer(completion_text(c), fallback) for c in completions]
+        checker = verifier or default_verifier()
+        golds = [None if a is None else str(a) for a in answer]
+        return [1.0 if ok else 0.0 for ok in checker.check(golds, predictions)]
+
+    return accuracy_reward
+
+
+def format_reward(prompts=None, completions=(), **kwargs) -> list[float]:
+    """1.0 when the completion states its final answer explicitly (\\boxed{...} or `#### N`)."""
+    return [1.0 if has_final_answer_format(completion_text(c)) else 0.0 for c in completions]
+
+
+accuracy_reward = make_accuracy_reward()
+
+
+def verifier_stats() -> dict[str, float]:
+    """Counters of the process-wide verifier (checks, correct, timeouts, errors) for trainers to log."""
+    return default_verifier().stats.as_dict()
