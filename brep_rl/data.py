@@ -1,0 +1,219 @@
+"""Math tasks as lists of Problems: gsm8k, math500, reasoning-gym (`rg:<name>`), or any JSONL file.
+
+Every problem carries its gold final answer; problems with a worked solution also carry it in the
+answer format the reward extracts (`... #### N`), for SFT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_INSTRUCTION = "Solve the problem. End with the final answer on its own line as '#### <answer>'."
+_CALCULATOR_NOTE = re.compile(r"<<[^>]*>>")
+
+
+class DataError(ValueError):
+    """A task, file or row cannot be used; the message names the file, line and field."""
+
+
+@dataclass
+class Problem:
+    id: str
+    question: str
+    answer: str  # the gold final answer
+    solution: str | None = None  # a worked solution ending in "#### <answer>", where the source has one
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def data_root() -> Path:
+    """The shipped data: $BREP_RL_DATA, else ../shared/data beside the checkout (or the working directory)."""
+    if os.environ.get("BREP_RL_DATA"):
+        return Path(os.environ["BREP_RL_DATA"])
+    checkout = Path(__file__).resolve().parent.parent
+    for candidate in (checkout.parent / "shared" / "data", checkout / "shared" / "data", Path.cwd().parent / "shared" / "data"):
+        if candidate.is_dir():
+            return candidate
+    raise DataError("cannot find the shared data folder (../shared/data beside the checkout); set BREP_RL_DATA")
+
+
+def gsm8k_final_answer(answer: str) -> str | None:
+    if "####" not in answer:
+        return None
+    return answer.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def gsm8k_solution(answer: str) -> str:
+    """GSM8K's worked answer without the `<<48/2=24>>` calculator notes, ending in "#### N"."""
+    body, final = answer.rsplit("####", 1)
+    return f"{_CALCULATOR_NOTE.sub('', body).strip()}\n#### {final.strip().replace(',', '')}"
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) pairs; a malformed line is an error naming file:line."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            rows.append((number, row))
+    return rows
+
+
+def _field(row: dict[str, Any], name: str, where: str) -> str:
+    value = row.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        present = ", ".join(sorted(row)) or "none"
+        raise DataError(f"{where}: missing field {name!r} (fields present: {present})")
+    return str(value)
+
+
+def _rows_to_problems(path: Path, make, skip_invalid: bool) -> list[Problem]:
+    problems, skipped = [], []
+    for number, row in read_jsonl(path):
+        try:
+            problems.append(make(row, f"{path}:{number}", number))
+        except DataError as e:
+            if not skip_invalid:
+                raise
+            skipped.append(str(e))
+    if skipped:
+        logger.warning("%s: skipped %d invalid row(s), e.g. %s", path, len(skipped), skipped[0])
+    return problems
+
+
+def load_gsm8k(split: str, skip_invalid: bool = False) -> list[Problem]:
+    def make(row, where, number):
+        raw = _field(row, "answer", where)
+        gold = gsm8k_final_answer(raw)
+        if gold is None:
+            raise DataError(f"{where}: field 'answer' has no '#### <answer>' line")
+        return Problem(f"gsm8k-{split}-{number}", _field(row, "question", where), gold, gsm8k_solution(raw))
+
+    return _rows_to_problems(_split_file("gsm8k", split), make, skip_invalid)
+
+
+def load_math500(split: str, skip_invalid: bool = False) -> list[Problem]:
+    def make(row, where, number):
+        gold = _field(row, "answer", where)
+        solution = row.get("solution")
+        return Problem(
+            str(row.get("unique_id", f"math500-{number}")), _field(row, "problem", where), gold,
+            f"{solution.strip()}\n#### {gold}" if solution else None,
+            {"subject": row.get("subject"), "level": row.get("level")},
+        )
+
+    return _rows_to_problems(_split_file("math500", split), make, skip_invalid)
+
+
+def _split_file(task: str, split: str) -> Path:
+    folder = data_root() / task
+    path = folder / f"{split}.jsonl"
+    if not path.is_file():
+        available = sorted(p.stem for p in folder.glob("*.jsonl"))
+        raise DataError(f"task {task!r} has no split {split!r} in {folder} (available: {', '.join(available) or 'none'})")
+    return path
+
+
+def load_jsonl_task(
+    path: Path, question: str = "{question}", answer_field: str = "answer", solution_field: str | None = None,
+    skip_invalid: bool = False,
+) -> list[Problem]:
+    """Any JSONL file: `question` is a template over the row's fields ("{Body} {Question}"), the gold answer is
+    `answer_field` (its part after `####` if it has one), and an optional worked solution is `solution_field`."""
+    names = re.findall(r"{(\w+)}", question)
+    if not names:
+        raise DataError(f"question template {question!r} names no field, e.g. '{{question}}'")
+
+    def make(row, where, number):
+        for name in names:
+            _field(row, name, where)
+        raw = _field(row, answer_field, where)
+        gold = gsm8k_final_answer(raw) if "####" in raw else raw.strip()
+        solution = None
+        if solution_field is not None:
+            text = _field(row, solution_field, where)
+            solution = text if "####" in text else f"{text.strip()}\n#### {gold}"
+        elif "####" in raw:
+            solution = gsm8k_solution(raw)
+        return Problem(str(row.get("id", f"{path.stem}-{number}")), question.format(**row), gold, solution)
+
+    return _rows_to_problems(path, make, skip_invalid)
+
+
+def in_split(question: str, split: str, test_fraction: float = 0.2) -> bool:
+    """Procedural tasks have no splits: a stable hash of the question puts each problem in exactly one."""
+    bucket = int(hashlib.sha256(question.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return (bucket < test_fraction) == (split == "test")
+
+
+def load_reasoning_gym(name: str, split: str, size: int, seed: int = 0, config: dict[str, Any] | None = None) -> list[Problem]:
+    """`size` distinct problems of a reasoning-gym dataset in the given split (train/test disjoint by question)."""
+    import reasoning_gym
+
+    if split not in ("train", "test"):
+        raise DataError(f"reasoning-gym tasks have splits 'train' and 'test', got {split!r}")
+    try:
+        generated = reasoning_gym.create_dataset(name, size=size * 10 + 50, seed=seed, **(config or {}))
+    except (KeyError, ValueError, TypeError) as e:
+        raise DataError(f"reasoning-gym dataset {name!r} with config {config or {}}: {e}") from None
+    problems, seen = [], set()
+    for index, entry in enumerate(generated):
+        question = entry["question"]
+        if question in seen or not in_split(question, split):
+            continue
+        seen.add(question)
+        meta = {k: v for k, v in entry.get("metadata", {}).items() if isinstance(v, (str, int, float, bool))}
+        problems.append(Problem(f"rg-{name}-{split}-{seed}-{index}", question, str(entry["answer"]), None, meta))
+        if len(problems) == size:
+            break
+    if len(problems) < size:
+        logger.warning("reasoning-gym %s: only %d distinct %s problems available (asked for %d)", name, len(problems), split, size)
+    return problems
+
+
+def load_task(
+    task: str, split: str = "test", limit: int | None = None, offset: int = 0, seed: int = 0,
+    question: str = "{question}", answer_field: str = "answer", solution_field: str | None = None,
+    rg_config: dict[str, Any] | None = None, skip_invalid: bool = False,
+) -> list[Problem]:
+    """Problems of `task`: "gsm8k", "math500", "rg:<reasoning-gym dataset>", or a path to a .jsonl file."""
+    if task == "gsm8k":
+        problems = load_gsm8k(split, skip_invalid)
+    elif task == "math500":
+        problems = load_math500(split, skip_invalid)
+    elif task.startswith("rg:"):
+        problems = load_reasoning_gym(task[3:], split, size=offset + (limit or 200), seed=seed, config=rg_config)
+    elif task.endswith(".jsonl") or Path(task).is_file():
+        problems = load_jsonl_task(Path(task), question, answer_field, solution_field, skip_invalid)
+    else:
+        raise DataError(f"unknown task {task!r}: expected gsm8k, math500, rg:<reasoning-gym dataset> or a .jsonl file")
+    problems = problems[offset:]
+    if limit is not None:
+        problems = problems[:limit]
+    if not problems:
+        raise DataError(f"task {task!r} split {split!r}: no problems selected (offset={offset}, limit={limit})")
+    return problems
+
+
+def chat_prompt(tokenizer, question: str, instruction: str | None = DEFAULT_INSTRUCTION, system_prompt: str | None = None) -> str:
+    """The question (+ instruction) through the model's chat template, ready for the answer to follow."""
+    content = f"{question}\n{instruction}" if instruction else question
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": content}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

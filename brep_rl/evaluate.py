@@ -1,0 +1,274 @@
+"""Evaluation harness: the base and steered models on the same problems in one run, scored with reward/.
+
+Per-sample records go to `samples.jsonl` as they are produced (a re-run skips what is there: resumable);
+the summary goes to `summary.json` and `summary.md`. The base is the same model object with steering
+disabled, never a second load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from brep_rl.data import DEFAULT_INSTRUCTION, Problem, chat_prompt, load_task
+from brep_rl.metrics import accuracy_interval, majority_vote, paired_difference, pass_at_k
+from brep_rl.steering import SteeringVectors
+from reward import default_verifier, extract_answer, has_final_answer_format
+
+logger = logging.getLogger(__name__)
+
+BASE = "base"
+
+
+@dataclass
+class EvalSettings:
+    task: str = "gsm8k"
+    split: str = "test"
+    limit: int | None = 100
+    offset: int = 0
+    samples: int = 1
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    batch_size: int = 16  # sequences per generate() call
+    seed: int = 0
+    instruction: str | None = DEFAULT_INSTRUCTION
+    system_prompt: str | None = None
+    fallback: str = "last_number"
+    question: str = "{question}"
+    answer_field: str = "answer"
+    rg_config: dict[str, Any] | None = None
+    skip_invalid: bool = False
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ValueError(f"samples: expected >= 1, got {self.samples}")
+        if self.samples > 1 and self.temperature <= 0:
+            raise ValueError(f"samples={self.samples} with temperature {self.temperature}: greedy decoding gives identical samples; set a temperature > 0")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {self.batch_size} and {self.max_new_tokens}")
+
+
+@dataclass
+class Variant:
+    label: str
+    artifact: str | None = None
+    scale: float = 1.0
+
+
+@dataclass
+class Generation:
+    texts: list[str]
+    tokens: list[int]  # generated tokens per sequence, up to and including the end-of-sequence token
+    seconds: float
+
+
+def generate(model, tokenizer, prompts: list[str], settings: EvalSettings, num_return_sequences: int = 1) -> Generation:
+    """Batched generation from chat-formatted prompts (left-padded); rows come out prompt-major."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    sampling = settings.temperature > 0
+    kwargs = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0) if sampling else dict(do_sample=False)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            **enc, max_new_tokens=settings.max_new_tokens, num_return_sequences=num_return_sequences,
+            pad_token_id=tokenizer.pad_token_id, **kwargs,
+        )
+    seconds = time.perf_counter() - start
+    completions = out[:, enc.input_ids.shape[1]:]
+    eos = {tokenizer.eos_token_id, *(_as_list(model.generation_config.eos_token_id))}
+    tokens = []
+    for row in completions.tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        tokens.append(end)
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    return Generation(texts, tokens, seconds)
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _batch_seed(seed: int, label: str, first_id: str) -> int:
+    return int(hashlib.sha256(f"{seed}|{label}|{first_id}".encode()).hexdigest()[:8], 16)
+
+
+class RecordStore:
+    """samples.jsonl: one JSON line per (model, problem, sample); read back on resume."""
+
+    def __init__(self, output: Path | None, settings: EvalSettings):
+        self.path = output / "samples.jsonl" if output else None
+        self.records: dict[tuple[str, str, int], dict[str, Any]] = {}
+        if output is None:
+            return
+        output.mkdir(parents=True, exist_ok=True)
+        run_file = output / "run.json"
+        wanted = {k: v for k, v in dataclasses.asdict(settings).items() if k != "batch_size"}
+        if run_file.is_file():
+            previous = json.loads(run_file.read_text())
+            changed = {k: (previous.get(k), v) for k, v in wanted.items() if previous.get(k) != v}
+            if changed:
+                details = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+                raise ValueError(f"{output} holds an evaluation with other settings ({details}); use another --output or delete it")
+        else:
+            run_file.write_text(json.dumps(wanted, indent=2) + "\n")
+        if self.path.is_file():
+            text = self.path.read_text()
+            dropped = 0
+            for number, line in enumerate(text.splitlines(), 1):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill; its sample is generated again
+                    logger.warning("%s:%d: incomplete record dropped", self.path, number)
+                    dropped += 1
+                    continue
+                self.records[(record["model"], record["problem_id"], record["sample"])] = record
+            if dropped or (text and not text.endswith("\n")):
+                # rewrite without the broken line, so new records are not appended onto it
+                tmp = self.path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records.values()))
+                os.replace(tmp, self.path)
+
+    def done(self, label: str, problem: Problem, samples: int) -> bool:
+        return all((label, problem.id, s) in self.records for s in range(samples))
+
+    def add(self, records: list[dict[str, Any]]) -> None:
+        for r in records:
+            self.records[(r["model"], r["problem_id"], r["sample"])] = r
+        if self.path:
+            with self.path.open("a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in records))
+                f.flush()
+
+
+def variant_contexts(model, artifacts: list[str], scales: list[float]):
+    """Yields (Variant, context) in order: the base, then each artifact at each scale, one artifact attached at a time."""
+    if not artifacts:
+        yield Variant(BASE), contextlib.nullcontext()
+        return
+    names = [Path(a).name for a in artifacts]
+    labels = names if len(set(names)) == len(names) else artifacts
+    for index, (artifact, name) in enumerate(zip(artifacts, labels)):
+        steer = SteeringVectors.from_pretrained(artifact, model)
+        try:
+            if index == 0:
+                yield Variant(BASE), steer.disabled()
+            for scale in scales:
+                label = name if scales == [1.0] else f"{name}@{scale:g}"
+                yield Variant(label, artifact, scale), steer.scaled(scale)
+        finally:
+            steer.detach()
+
+
+def evaluate(
+    model, tokenizer, settings: EvalSettings, artifacts: list[str] | None = None, scales: list[float] | None = None,
+    output: str | Path | None = None, problems: list[Problem] | None = None, progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate the base and each artifact (at each scale) on the same problems; returns the summary."""
+    artifacts = list(artifacts or [])
+    scales = list(scales or [1.0])
+    problems = problems if problems is not None else load_task(
+        settings.task, settings.split, settings.limit, settings.offset, settings.seed, settings.question,
+        settings.answer_field, rg_config=settings.rg_config, skip_invalid=settings.skip_invalid,
+    )
+    store = RecordStore(Path(output) if output else None, settings)
+    prompts = {p.id: chat_prompt(tokenizer, p.question, settings.instruction, settings.system_prompt) for p in problems}
+    k = settings.samples
+    per_batch = max(1, settings.batch_size // k)
+    variants = []
+    total = len(problems) * k * (1 + len(artifacts) * len(scales))
+    bar = tqdm(total=total, desc="eval", unit="sample", disable=not progress, dynamic_ncols=True)
+    for variant, context in variant_contexts(model, artifacts, scales):
+        variants.append(variant)
+        todo = [p for p in problems if not store.done(variant.label, p, k)]
+        bar.update((len(problems) - len(todo)) * k)
+        with context:
+            for i in range(0, len(todo), per_batch):
+                batch = todo[i : i + per_batch]
+                bar.set_postfix_str(variant.label)
+                torch.manual_seed(_batch_seed(settings.seed, variant.label, batch[0].id))
+                gen = generate(model, tokenizer, [prompts[p.id] for p in batch], settings, num_return_sequences=k)
+                store.add(score(variant, batch, prompts, gen, settings))
+                bar.update(len(batch) * k)
+    bar.close()
+    summary = summarize(store, problems, variants, settings)
+    if output:
+        write_summary(Path(output), summary)
+    return summary
+
+
+def score(variant: Variant, batch: list[Problem], prompts: dict[str, str], gen: Generation, settings: EvalSettings) -> list[dict[str, Any]]:
+    k = settings.samples
+    extracted = [extract_answer(t, settings.fallback) for t in gen.texts]
+    golds = [p.answer for p in batch for _ in range(k)]
+    correct = default_verifier().check(golds, extracted)
+    records = []
+    for row, text in enumerate(gen.texts):
+        problem = batch[row // k]
+        records.append({
+            "model": variant.label, "artifact": variant.artifact, "scale": variant.scale,
+            "problem_id": problem.id, "sample": row % k, "prompt": prompts[problem.id], "completion": text,
+            "extracted": extracted[row], "gold": problem.answer, "correct": correct[row],
+            "formatted": has_final_answer_format(text), "tokens": gen.tokens[row], "seconds": gen.seconds / len(gen.texts),
+        })
+    return records
+
+
+def summarize(store: RecordStore, problems: list[Problem], variants: list[Variant], settings: EvalSettings) -> dict[str, Any]:
+    k = settings.samples
+    per_problem: dict[str, list[float]] = {}
+    results: dict[str, dict[str, Any]] = {}
+    for v in variants:
+        rows = [[store.records[(v.label, p.id, s)] for s in range(k)] for p in problems]
+        scores = [sum(r["correct"] for r in rs) / k for rs in rows]
+        per_problem[v.label] = scores
+        acc, low, high = accuracy_interval(scores, k)
+        flat = [r for rs in rows for r in rs]
+        tokens = sum(r["tokens"] for r in flat)
+        seconds = sum(r["seconds"] for r in flat)
+        results[v.label] = {
+            "artifact": v.artifact, "scale": v.scale, "problems": len(problems), "samples": k,
+            "accuracy": acc, "accuracy_low": low, "accuracy_high": high,
+            f"pass@{k}": sum(pass_at_k(k, sum(r["correct"] for r in rs), k) for rs in rows) / len(rows),
+            f"maj@{k}": sum(majority_vote([r["extracted"] for r in rs], [r["correct"] for r in rs]) for rs in rows) / len(rows),
+            "format_rate": sum(r["formatted"] for r in flat) / len(flat),
+            "mean_tokens": tokens / len(flat),
+            "tokens_per_s": tokens / seconds if seconds > 0 else math.nan,
+        }
+    paired = {label: paired_difference(per_problem[BASE], scores, k) for label, scores in per_problem.items() if label != BASE}
+    return {"settings": dataclasses.asdict(settings), "models": results, "paired_vs_base": paired}
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    k = summary["settings"]["samples"]
+    head = f"| model | n | accuracy (95% CI) | pass@{k} | maj@{k} | format | mean tokens | tokens/s | Δ vs base (95% CI) | p |"
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for label, m in summary["models"].items():
+        d = summary["paired_vs_base"].get(label)
+        delta = f"{100 * d['diff']:+.1f} ({100 * d['low']:+.1f}, {100 * d['high']:+.1f})" if d else "–"
+        p = f"{d['p']:.3g}" if d else "–"
+        lines.append(
+            f"| {label} | {m['problems']} | {100 * m['accuracy']:.1f}% ({100 * m['accuracy_low']:.1f}–{100 * m['accuracy_high']:.1f}) "
+            f"| {100 * m[f'pass@{k}']:.1f}% | {100 * m[f'maj@{k}']:.1f}% | {100 * m['format_rate']:.0f}% | {m['mean_tokens']:.0f} "
+            f"| {m['tokens_per_s']:.1f} | {delta} | {p} |"
+        )
+    return "\n".join(lines)
+
+
+def write_summary(output: Path, summary: dict[str, Any]) -> None:
+    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    s = summary["settings"]
+    title = f"Evaluation on {s['task']} ({s['split']}), {s['samples']} sample(s) per problem, temperature {s['temperature']}, max {s['max_new_tokens']} new tokens"
+    (output / "summary.md").write_text(f"# {title}\n\n{markdown_table(summary)}\n")

@@ -1,0 +1,71 @@
+import json
+
+import pytest
+
+from brep_rl.data import DataError, chat_prompt, gsm8k_solution, in_split, load_jsonl_task, load_task
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_gsm8k_from_shared_data():
+    problems = load_task("gsm8k", "train", limit=3)
+    assert problems[0].answer == "72" and problems[0].question.startswith("Natalia sold clips")
+    assert problems[0].solution.endswith("#### 72") and "<<" not in problems[0].solution
+    assert len(load_task("gsm8k", "test", limit=5, offset=2)) == 5
+
+
+def test_gsm8k_solution_strips_calculator_notes_and_separators():
+    assert gsm8k_solution("She has 48/2 = <<48/2=24>>24.\n#### 1,024") == "She has 48/2 = 24.\n#### 1024"
+
+
+def test_math500_keeps_latex_answers():
+    problems = load_task("math500", "test", limit=2)
+    assert problems[0].answer == "\\left( 3, \\frac{\\pi}{2} \\right)" and problems[0].meta["level"] == 2
+
+
+def test_reasoning_gym_splits_are_disjoint_and_deterministic():
+    cfg = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
+    train = load_task("rg:chain_sum", "train", limit=40, rg_config=cfg)
+    test = load_task("rg:chain_sum", "test", limit=40, rg_config=cfg)
+    assert not {p.question for p in train} & {p.question for p in test}
+    assert all(in_split(p.question, "test") for p in test)
+    assert [p.question for p in test] == [p.question for p in load_task("rg:chain_sum", "test", limit=40, rg_config=cfg)]
+    with pytest.raises(DataError, match="reasoning-gym dataset 'no_such_task'"):
+        load_task("rg:no_such_task", "test", limit=2)
+
+
+def test_jsonl_with_a_question_template(tmp_path):
+    path = write_jsonl(tmp_path / "svamp.jsonl", [{"Body": "Tom has 3 apples.", "Question": "How many?", "Answer": 3.0}])
+    [p] = load_task(str(path), question="{Body} {Question}", answer_field="Answer")
+    assert (p.question, p.answer) == ("Tom has 3 apples. How many?", "3.0")
+
+
+def test_jsonl_errors_name_file_line_and_field(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q1", "answer": "1"}, "{oops", {"question": "q3", "answer": "3"}])
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid JSON"):
+        load_jsonl_task(path)
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q1", "answer": "1"}, {"question": "q2"}, {"question": "q3", "answer": ""}])
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: missing field 'answer' \(fields present: question\)"):
+        load_jsonl_task(path)
+    assert [p.answer for p in load_jsonl_task(path, skip_invalid=True)] == ["1"]
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: missing field 'Body'"):
+        load_jsonl_task(path, question="{Body}")
+    with pytest.raises(DataError, match="file not found"):
+        load_task(str(tmp_path / "none.jsonl"))
+
+
+def test_task_and_selection_errors():
+    with pytest.raises(DataError, match="unknown task 'gsm9k'"):
+        load_task("gsm9k")
+    with pytest.raises(DataError, match=r"no split 'validation' .*available: test, train"):
+        load_task("gsm8k", "validation")
+    with pytest.raises(DataError, match="no problems selected"):
+        load_task("gsm8k", "test", offset=10_000)
+
+
+def test_chat_prompt_uses_the_template(tokenizer):
+    text = chat_prompt(tokenizer, "What is 2+2?", "Answer with ####.")
+    assert text.endswith("<|im_start|>assistant\n") and "What is 2+2?\nAnswer with ####." in text

@@ -1,0 +1,106 @@
+import json
+
+import pytest
+import torch
+
+from brep_rl import SteeringConfig, SteeringVectors
+from brep_rl.cli import main as cli_main
+from brep_rl.data import Problem
+from brep_rl.evaluate import EvalSettings, evaluate
+
+PROBLEMS = [Problem(f"p{i}", f"What is {i} + {i}?", str(2 * i)) for i in range(5)]
+
+
+@pytest.fixture
+def artifact(tmp_path, tokenizer):
+    from conftest import make_tiny
+
+    model = make_tiny("llama", len(tokenizer), tokenizer.pad_token_id)
+    steer = SteeringVectors.attach(model, SteeringConfig(mode="bias+prefix"))
+    with torch.no_grad():
+        steer.bias.normal_(0, 0.5)
+        steer.prefix.normal_(0, 0.5)
+    return str(steer.save_pretrained(tmp_path / "vec"))
+
+
+def test_eval_compares_base_and_steered_and_writes_reports(tiny_llama, tokenizer, artifact, tmp_path):
+    settings = EvalSettings(samples=2, temperature=1.0, max_new_tokens=6, batch_size=4)
+    out = tmp_path / "run"
+    summary = evaluate(tiny_llama, tokenizer, settings, [artifact], [0.5, 1.0], out, problems=PROBLEMS, progress=False)
+    assert list(summary["models"]) == ["base", "vec@0.5", "vec@1"]
+    assert set(summary["paired_vs_base"]) == {"vec@0.5", "vec@1"}
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == 3 * 5 * 2
+    assert set(records[0]) >= {"model", "problem_id", "sample", "prompt", "completion", "extracted", "gold", "correct", "tokens"}
+    assert (out / "summary.md").read_text().count("\n| ") == 4  # header + 3 models
+    assert not hasattr(tiny_llama, "brep_steering")  # artifacts are detached afterwards
+    base = [r for r in records if r["model"] == "base"]
+    with_zero = evaluate(tiny_llama, tokenizer, settings, [artifact], [0.0], None, problems=PROBLEMS, progress=False)
+    # scale 0 is the base: same seed per batch, same samples
+    assert with_zero["models"]["vec@0"]["accuracy"] == with_zero["models"]["base"]["accuracy"]
+    assert with_zero["models"]["base"]["mean_tokens"] == pytest.approx(sum(r["tokens"] for r in base) / len(base))
+
+
+def test_eval_is_deterministic_and_resumes_after_a_kill(tiny_llama, tokenizer, tmp_path, monkeypatch):
+    settings = EvalSettings(samples=2, temperature=1.0, max_new_tokens=6, batch_size=4)
+    first = tmp_path / "a"
+    evaluate(tiny_llama, tokenizer, settings, [], None, first, problems=PROBLEMS, progress=False)
+    lines = (first / "samples.jsonl").read_text().splitlines()
+    second = tmp_path / "b"
+    evaluate(tiny_llama, tokenizer, settings, [], None, second, problems=PROBLEMS, progress=False)
+    def without_timing(text):
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in text.splitlines()]
+
+    assert without_timing((second / "samples.jsonl").read_text()) == without_timing("\n".join(lines))  # same seed, same samples
+
+    # simulate a kill: the last batch (2 problems x 2 samples) is lost, the line before it cut short
+    (first / "samples.jsonl").write_text("\n".join(lines[:6]) + "\n" + lines[6][:20])
+    calls = []
+    import brep_rl.evaluate as ev
+
+    real_generate = ev.generate
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: calls.append(len(a[2])) or real_generate(*a, **k))
+    evaluate(tiny_llama, tokenizer, settings, [], None, first, problems=PROBLEMS, progress=False)
+    assert calls == [2]  # problems 3 and 4 only: p3 lost a sample, p4 both
+    records = [json.loads(line) for line in (first / "samples.jsonl").read_text().splitlines()]  # every line whole again
+    assert sorted((r["problem_id"], r["sample"]) for r in records) == [(f"p{i}", s) for i in range(5) for s in range(2)]
+
+
+def test_resume_with_other_settings_is_refused(tiny_llama, tokenizer, tmp_path):
+    evaluate(tiny_llama, tokenizer, EvalSettings(max_new_tokens=4), [], None, tmp_path, problems=PROBLEMS[:1], progress=False)
+    with pytest.raises(ValueError, match=r"other settings \(max_new_tokens: 4 -> 5\)"):
+        evaluate(tiny_llama, tokenizer, EvalSettings(max_new_tokens=5), [], None, tmp_path, problems=PROBLEMS[:1], progress=False)
+
+
+def test_settings_validation():
+    with pytest.raises(ValueError, match="greedy decoding gives identical samples"):
+        EvalSettings(samples=4, temperature=0)
+
+
+def test_cli_reports_bad_input_clearly(tmp_path, capsys, artifact):
+    assert cli_main(["eval", "--task", "gsm9k"]) == 2
+    assert "unknown task 'gsm9k'" in capsys.readouterr().err
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text('{"question": "q"}\n')
+    assert cli_main(["eval", "--task", str(bad)]) == 2
+    assert "rows.jsonl:1: missing field 'answer'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_end_to_end_eval_on_smollm2(tmp_path, capsys):
+    """The CLI on the real model: base vs a steered artifact, 4 problems each, greedy."""
+    from brep_rl import load_base
+
+    model, _ = load_base("smollm2-135m")
+    steer = SteeringVectors.attach(model, SteeringConfig(mode="bias"))
+    with torch.no_grad():
+        steer.bias.normal_(0, 0.05)
+    steer.save_pretrained(tmp_path / "vec")
+    steer.detach()
+    code = cli_main(["eval", "--task", "gsm8k", "--limit", "4", "--max-new-tokens", "24", "--batch-size", "4",
+                     "--steering", str(tmp_path / "vec"), "--output", str(tmp_path / "run")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| base | 4 |" in out and "| vec | 4 |" in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["models"]["base"]["tokens_per_s"] > 0 and "vec" in summary["paired_vs_base"]
