@@ -212,6 +212,19 @@ def load_task(
     return problems
 
 
+def json_mapping(value: str | dict | None) -> dict | None:
+    """A config mapping given as JSON text (command line) or already a mapping (YAML)."""
+    if value is None or isinstance(value, dict):
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise DataError(f"expected a JSON object such as '{{\"min_terms\": 2}}', got {value!r} ({e.msg})") from None
+    if not isinstance(parsed, dict):
+        raise DataError(f"expected a JSON object, got {value!r}")
+    return parsed
+
+
 def chat_prompt(tokenizer, question: str, instruction: str | None = DEFAULT_INSTRUCTION, system_prompt: str | None = None) -> str:
     """The question (+ instruction) through the model's chat template, ready for the answer to follow."""
     content = f"{question}\n{instruction}" if instruction else question

@@ -295,14 +295,22 @@ class SteeringVectors(nn.Module):
         return {name: p.detach().float().cpu().contiguous() for name, p in self.vectors().items()}
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write steering.safetensors + steering_config.json. Atomic: a reader sees the old artifact or the new one."""
+        """Write steering.safetensors + steering_config.json into `directory`.
+
+        Each file is written beside its destination and renamed into place, so a kill never leaves a
+        half-written file; other files in the folder (a trainer's checkpoints) are left alone.
+        """
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".steering.tmp-", dir=directory))
         try:
             save_file(self.state_tensors(), str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "mode": self.config.mode})
             self.config.to_json_file(tmp / CONFIG_NAME)
-            _replace_dir(tmp, directory)
+            umask = os.umask(0)
+            os.umask(umask)
+            for name in (WEIGHTS_NAME, CONFIG_NAME):
+                os.chmod(tmp / name, 0o666 & ~umask)  # ordinary file permissions, not the temp folder's
+                os.replace(tmp / name, directory / name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return directory
@@ -374,14 +382,3 @@ def _check_matches(config: SteeringConfig, model: nn.Module, dim: int) -> None:
             f"steering vectors made for base {config.base_model!r} do not fit this model "
             f"({getattr(model, 'name_or_path', type(model).__name__)}): " + "; ".join(wrong)
         )
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move folder `new` to `target`; an old one is renamed aside first and removed only once the new one is in place."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)

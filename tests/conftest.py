@@ -63,3 +63,12 @@ PROMPTS = [
     "Tom has 3 apples and buys 4 more. How many apples does he have now?",
     "Compute 7 times 8.",
 ]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny random llama saved as an HF folder with the real tokenizer: a stand-in base for training runs."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny("llama", len(tokenizer), tokenizer.pad_token_id).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

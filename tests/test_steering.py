@@ -224,12 +224,13 @@ def test_save_load_round_trip_is_exact(tmp_path, tokenizer):
     assert torch.equal(fresh(**enc).logits, expected)
 
 
-def test_save_replaces_an_existing_artifact(tmp_path, tiny_llama):
+def test_save_replaces_an_existing_artifact_and_keeps_other_files(tmp_path, tiny_llama):
     steer = SteeringVectors.attach(tiny_llama, SteeringConfig())
     steer.save_pretrained(tmp_path / "vec")
+    (tmp_path / "vec" / "checkpoint-1").mkdir()
     set_vectors(steer)
     steer.save_pretrained(tmp_path / "vec")
-    assert [p.name for p in tmp_path.iterdir()] == ["vec"]
+    assert sorted(p.name for p in (tmp_path / "vec").iterdir()) == ["checkpoint-1", "steering.safetensors", "steering_config.json"]
     from safetensors.torch import load_file
 
     assert torch.equal(load_file(tmp_path / "vec" / "steering.safetensors")["bias"], steer.bias.detach())

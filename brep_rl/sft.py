@@ -1,0 +1,250 @@
+"""SFT of steering vectors on truncated answer prefixes (BREP's first stage; also usable on its own).
+
+With probability `truncate_prob` an example keeps its loss on the first `truncate_tokens` answer tokens
+only (and the tokens after them are not fed at all: with causal attention they cannot change the loss);
+otherwise the loss covers the whole answer. Prompt tokens never carry loss. Only the vectors train.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from brep_rl.data import DEFAULT_INSTRUCTION, DataError, Problem, chat_prompt, json_mapping, load_task
+from brep_rl.training import (
+    ModelArguments, RestraintCallback, SteeringArguments, SteeringTrainerMixin, load_for_training, use_cpu_without_gpu,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTDataArguments:
+    task: str = field(default="gsm8k", metadata={"help": "gsm8k | math500 | rg:<name> | path.jsonl (rows need a worked solution)"})
+    split: str = "train"
+    limit: int | None = field(default=2000, metadata={"help": "problems to read (the held-out ones included)"})
+    offset: int = 0
+    heldout: int = field(default=32, metadata={"help": "problems kept out of training, from the end of the selection, for held-out loss"})
+    truncate_prob: float = field(default=0.9, metadata={"help": "probability that an example keeps loss on the first truncate_tokens only (0: plain SFT)"})
+    truncate_tokens: int = field(default=64, metadata={"help": "answer tokens that carry loss in a truncated example"})
+    max_length: int = field(default=384, metadata={"help": "prompt + answer tokens; longer answers are cut, longer prompts dropped"})
+    instruction: str | None = DEFAULT_INSTRUCTION
+    system_prompt: str | None = None
+    question: str = "{question}"
+    answer_field: str = "answer"
+    solution_field: str | None = None
+    rg_config: str | None = field(default=None, metadata={"help": "reasoning-gym dataset config, JSON (or a YAML mapping)"})
+    skip_invalid: bool = False
+    eval_task: str = field(default="gsm8k", metadata={"help": "after training: a short base vs steered eval with the harness"})
+    eval_split: str = "test"
+    eval_limit: int = field(default=20, metadata={"help": "problems in that eval (0: skip it)"})
+    eval_max_new_tokens: int = 160
+    eval_rg_config: str | None = field(default=None, metadata={"help": "reasoning-gym config of eval_task, JSON"})
+
+
+@dataclass
+class SteeringSFTConfig(TrainingArguments):
+    """TrainingArguments with defaults for training a few KB of vectors on a CPU (TRL's suit full fine-tuning)."""
+
+    output_dir: str = "runs/sft"
+    learning_rate: float = 5e-3
+    lr_scheduler_type: str = "constant_with_warmup"
+    warmup_steps: float = 3
+    max_steps: int = 40
+    per_device_train_batch_size: int = 4
+    per_device_eval_batch_size: int = 8
+    weight_decay: float = 0.0
+    logging_steps: float = 5
+    save_steps: float = 20
+    save_total_limit: int | None = 2
+    remove_unused_columns: bool = False  # keep response_start for the prefix window
+    bf16: bool | None = False
+    dataloader_pin_memory: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        use_cpu_without_gpu(self)
+        super().__post_init__()
+
+
+@dataclass
+class SFTStats:
+    examples: int = 0
+    no_solution: int = 0
+    prompt_too_long: int = 0
+    answer_cut: int = 0
+    truncated: int = 0
+    shorter_than_truncation: int = 0
+    loss_tokens: int = 0
+
+    def describe(self, max_length: int, truncate_tokens: int) -> str:
+        return (
+            f"{self.examples} SFT examples ({self.truncated} truncated to {truncate_tokens} answer tokens, "
+            f"{self.shorter_than_truncation} answers shorter than that, {self.loss_tokens} loss tokens); "
+            f"dropped {self.no_solution} without a worked solution and {self.prompt_too_long} with prompts of "
+            f">= {max_length} tokens; {self.answer_cut} answers cut at max_length"
+        )
+
+
+def build_sft_examples(
+    problems: list[Problem], tokenizer, truncate_prob: float, truncate_tokens: int, max_length: int,
+    instruction: str | None = DEFAULT_INSTRUCTION, system_prompt: str | None = None, seed: int = 0,
+) -> tuple[list[dict[str, list[int] | int]], SFTStats]:
+    """Tokenized examples {input_ids, labels, response_start}; labels are -100 wherever there is no loss."""
+    if not 0 <= truncate_prob <= 1:
+        raise ValueError(f"truncate_prob: expected a probability in [0, 1], got {truncate_prob}")
+    if truncate_tokens < 1 or max_length < 2:
+        raise ValueError(f"truncate_tokens must be >= 1 and max_length >= 2, got {truncate_tokens} and {max_length}")
+    rng = random.Random(seed)  # the truncation draw is fixed per example, so a resumed run sees the same data
+    stats, examples = SFTStats(), []
+    eos = tokenizer.eos_token_id
+    for problem in problems:
+        if not problem.solution:
+            stats.no_solution += 1
+            continue
+        prompt = tokenizer(chat_prompt(tokenizer, problem.question, instruction, system_prompt), add_special_tokens=False).input_ids
+        answer = tokenizer(problem.solution, add_special_tokens=False).input_ids + [eos]
+        truncated = rng.random() < truncate_prob
+        if len(prompt) >= max_length:
+            stats.prompt_too_long += 1
+            continue
+        room = max_length - len(prompt)
+        if len(answer) > room:
+            stats.answer_cut += 1
+            answer = answer[:room]
+        if truncated:
+            stats.truncated += 1
+            stats.shorter_than_truncation += len(answer) <= truncate_tokens
+            answer = answer[:truncate_tokens]
+        examples.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer, "response_start": len(prompt)})
+        stats.examples += 1
+        stats.loss_tokens += len(answer)
+    return examples, stats
+
+
+class SFTCollator:
+    """Right-pads a batch; padding positions get attention_mask 0 and label -100."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            mask[i, :n] = 1
+        starts = torch.tensor([r["response_start"] for r in rows], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "response_start": starts}
+
+
+class SteeringSFTTrainer(SteeringTrainerMixin, Trainer):
+    def __init__(self, *args, steer, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steer = steer
+        self.check_steering_args()
+        self.add_callback(RestraintCallback(steer))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        starts = inputs.pop("response_start")
+        with self.steer.window(starts):
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if self.steer.config.penalty and model.training:
+            if return_outputs:
+                return result[0] + self.steer.penalty(), result[1]
+            return result + self.steer.penalty()
+        return result
+
+
+def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args: SFTDataArguments, train_args: SteeringSFTConfig) -> SteeringSFTTrainer:
+    """Train, save the artifact to output_dir, report held-out loss before/after and (main process) a short eval."""
+    problems = load_task(
+        data_args.task, data_args.split, data_args.limit, data_args.offset, train_args.seed, data_args.question,
+        data_args.answer_field, data_args.solution_field, json_mapping(data_args.rg_config), data_args.skip_invalid,
+    )
+    if data_args.heldout >= len(problems):
+        raise DataError(f"heldout={data_args.heldout} leaves no training problems out of {len(problems)}")
+    train_problems, heldout_problems = problems[: len(problems) - data_args.heldout], problems[len(problems) - data_args.heldout :]
+
+    def examples(subset, seed):
+        return build_sft_examples(
+            subset, tokenizer, data_args.truncate_prob, data_args.truncate_tokens, data_args.max_length,
+            data_args.instruction, data_args.system_prompt, seed,
+        )
+
+    def calibration(tokenizer):
+        texts = [chat_prompt(tokenizer, p.question, data_args.instruction, data_args.system_prompt) for p in train_problems[:8]]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return enc.input_ids, enc.attention_mask
+
+    model, tokenizer, steer = load_for_training(model_args, steer_args, calibration)
+    train_rows, stats = examples(train_problems, train_args.seed)
+    heldout_rows, _ = examples(heldout_problems, train_args.seed + 1)
+    logger.warning("SFT data: %s", stats.describe(data_args.max_length, data_args.truncate_tokens))
+    if not train_rows:
+        raise DataError(f"task {data_args.task!r}: no usable SFT examples ({stats.describe(data_args.max_length, data_args.truncate_tokens)})")
+    steer.config.provenance = {**steer.config.provenance, "stage": "sft", "task": data_args.task, "split": data_args.split,
+                               "examples": stats.examples, "truncate_prob": data_args.truncate_prob, "truncate_tokens": data_args.truncate_tokens}
+
+    trainer = SteeringSFTTrainer(
+        model=model, args=train_args, train_dataset=train_rows, eval_dataset=heldout_rows or None,
+        data_collator=SFTCollator(tokenizer.pad_token_id), steer=steer,
+    )
+    resume = train_args.resume_from_checkpoint
+    if resume == "last":
+        resume = get_last_checkpoint(train_args.output_dir)
+        if resume is None:
+            logger.warning("resume_from_checkpoint=last: no checkpoint in %s, starting fresh", train_args.output_dir)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    output = Path(train_args.output_dir)
+    # Both held-out losses after training, on every rank (evaluation is collective). Not before: an evaluate()
+    # ahead of train() marks the model as prepared by accelerate, which then skips the DDP wrap.
+    before = after = None
+    if heldout_rows:
+        with steer.disabled():
+            before = trainer.evaluate(metric_key_prefix="base")["base_loss"]
+        after = trainer.evaluate(metric_key_prefix="steered")["steered_loss"]
+    if not trainer.is_world_process_zero():
+        return trainer
+    if heldout_rows:
+        print(f"\nheld-out SFT loss ({len(heldout_rows)} {data_args.task} {data_args.split} problems never trained on): "
+              f"base {before:.4f} -> steered {after:.4f}")
+    print(f"steering artifact: {output} (inspect it with `brep-rl inspect {output}`)")
+    if data_args.eval_limit > 0:
+        report_eval(model, tokenizer, steer, data_args, output)
+    return trainer
+
+
+def report_eval(model, tokenizer, steer, data_args: SFTDataArguments, output: Path) -> None:
+    """Base vs the trained vectors on a few problems of the eval task, through the harness."""
+    from brep_rl.evaluate import EvalSettings, evaluate, markdown_table
+
+    steer.detach()  # the harness attaches the saved artifact itself, as a user would
+    model.eval()
+    settings = EvalSettings(
+        task=data_args.eval_task, split=data_args.eval_split, limit=data_args.eval_limit,
+        max_new_tokens=data_args.eval_max_new_tokens, instruction=data_args.instruction,
+        system_prompt=data_args.system_prompt, rg_config=json_mapping(data_args.eval_rg_config),
+    )
+    summary = evaluate(model, tokenizer, settings, [str(output)], output=output / "eval")
+    print(markdown_table(summary))
+
+
+def main(argv: list[str] | None = None) -> SteeringSFTTrainer:
+    """`brep-rl sft` / `scripts/sft.py`: --config YAML plus command-line overrides (TRL's parser)."""
+    from trl import TrlParser
+
+    parser = TrlParser((ModelArguments, SteeringArguments, SFTDataArguments, SteeringSFTConfig))
+    model_args, steer_args, data_args, train_args = parser.parse_args_and_config(argv)
+    return run_sft(model_args, steer_args, data_args, train_args)

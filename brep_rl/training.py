@@ -1,0 +1,138 @@
+"""What SFT and GRPO training share: argument dataclasses, attaching trainable vectors, and a Trainer mixin
+that checkpoints the vectors only (KB, not the base), restrains them after every optimizer step, and logs norms."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from brep_rl.config import SteeringConfig
+from brep_rl.model import load_base
+from brep_rl.steering import SteeringVectors, read_artifact
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model: str = field(default="smollm2-135m", metadata={"help": "alias, .gguf file, HF folder or hub id"})
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16 (the vectors stay fp32)"})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads per process (default: torch's choice)"})
+
+
+@dataclass
+class SteeringArguments:
+    mode: str = field(default="bias", metadata={"help": "bias | prefix | bias+prefix"})
+    site: str = field(default="mlp.down_proj", metadata={"help": "submodule of each decoder layer to steer"})
+    layers: list[int] | None = field(default=None, metadata={"help": "layer indices to steer (default: all)"})
+    prefix_tokens: int = field(default=8, metadata={"help": "answer tokens covered by the prefix vector"})
+    radius: float | None = field(default=None, metadata={"help": "L2 bound per layer vector (None: unrestrained)"})
+    radius_relative: bool = field(default=False, metadata={"help": "radius as a multiple of the site's median output norm"})
+    penalty: float = field(default=0.0, metadata={"help": "weight of an L2 penalty on the vectors"})
+    init: str = field(default="zeros", metadata={"help": "zeros | normal"})
+    init_std: float = field(default=0.01)
+    init_from: str | None = field(default=None, metadata={"help": "start from a saved artifact (e.g. SFT vectors before GRPO)"})
+
+    def to_config(self) -> SteeringConfig:
+        return SteeringConfig(
+            site=self.site, layers=self.layers, mode=self.mode, prefix_tokens=self.prefix_tokens, radius=self.radius,
+            radius_relative=self.radius_relative, penalty=self.penalty, init=self.init, init_std=self.init_std,
+        )
+
+
+def load_for_training(model_args: ModelArguments, steer_args: SteeringArguments, calibration: Callable | None = None):
+    """The frozen base with trainable vectors attached: fresh from `steer_args`, or loaded from `init_from`.
+
+    `calibration(tokenizer) -> (input_ids, attention_mask)`: a batch to measure site norms on, for a relative radius.
+    """
+    if model_args.threads:
+        torch.set_num_threads(model_args.threads)
+    model, tokenizer = load_base(model_args.model, dtype=model_args.dtype)
+    if steer_args.init_from:
+        steer = SteeringVectors.from_pretrained(steer_args.init_from, model)
+        # keep the restraint asked for now; the artifact's own is its training history
+        steer.config.radius, steer.config.radius_relative, steer.config.penalty = steer_args.radius, steer_args.radius_relative, steer_args.penalty
+        steer.config.provenance = {"init_from": steer_args.init_from, "previous": steer.config.provenance}
+    else:
+        steer = SteeringVectors.attach(model, steer_args.to_config())
+    if steer.config.radius_relative and steer.config.site_norms is None:
+        if calibration is None:
+            raise ValueError("radius_relative needs calibration data to measure the site norms")
+        steer.calibrate(*calibration(tokenizer))
+    steer.project()
+    for p in steer.parameters():
+        p.requires_grad_(True)
+    return model, tokenizer, steer
+
+
+def use_cpu_without_gpu(args) -> None:
+    """Without a GPU, train on the CPU explicitly: only then do 2 processes under torchrun/accelerate form one
+    gloo DDP group (otherwise transformers sees no distributed setup and each process trains alone)."""
+    if not torch.cuda.is_available() and not getattr(args, "use_cpu", False):
+        args.use_cpu = True
+
+
+class RestraintCallback(TrainerCallback):
+    """Projects the vectors back into their ball after every optimizer step (each rank alike, so they stay equal)."""
+
+    def __init__(self, steer: SteeringVectors):
+        self.steer = steer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.steer.project()
+
+
+class SteeringTrainerMixin:
+    """For a transformers Trainer (or a TRL trainer) whose model carries SteeringVectors.
+
+    - save_model writes the steering artifact (steering.safetensors + steering_config.json), never the base;
+    - resuming from a checkpoint loads the vectors from it;
+    - logs carry the vectors' norms, and every log line's per-layer norms go to norms.jsonl in output_dir.
+    """
+
+    steer: SteeringVectors
+
+    def check_steering_args(self) -> None:
+        if getattr(self.args, "gradient_checkpointing", False):
+            raise ValueError(
+                "gradient_checkpointing is not supported with steering vectors: it re-runs layer forwards during the "
+                "backward pass, outside the steering window, which would silently give wrong gradients"
+            )
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            self.steer.config.provenance.update(self.provenance())
+            self.steer.save_pretrained(output_dir)
+
+    def provenance(self) -> dict:
+        return {"trainer": type(self).__name__, "global_step": self.state.global_step, "learning_rate": self.args.learning_rate}
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        _, tensors = read_artifact(resume_from_checkpoint)
+        self.steer.load_tensors(tensors, source=resume_from_checkpoint)
+        logger.info("resumed steering vectors from %s", resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        if self.state.best_model_checkpoint:
+            self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        norms = self.steer.norms()
+        for name, values in norms.items():
+            logs[f"{name}_norm_mean"] = round(float(values.mean()), 4)
+            logs[f"{name}_norm_max"] = round(float(values.max()), 4)
+        step = self.state.global_step
+        if self.args.should_save and step > 0 and step != getattr(self, "_norms_recorded_at", None):
+            self._norms_recorded_at = step  # end-of-training and evaluation logs repeat the step
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(Path(self.args.output_dir) / "norms.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **{k: [round(x, 5) for x in v.tolist()] for k, v in norms.items()}}) + "\n")
+        super().log(logs, *args, **kwargs)

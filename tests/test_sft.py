@@ -1,0 +1,128 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from brep_rl.data import Problem
+from brep_rl.sft import SFTCollator, build_sft_examples, main as sft_main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def problems(n=3, words=30):
+    return [Problem(f"p{i}", f"Question {i}: what is {i} + {i}?", str(2 * i), " ".join(["step"] * words) + f"\n#### {2 * i}") for i in range(n)]
+
+
+def test_truncated_examples_mask_exactly_the_intended_tokens(tokenizer):
+    T = 5
+    [full], _ = build_sft_examples(problems(1), tokenizer, truncate_prob=0.0, truncate_tokens=T, max_length=512)
+    [cut], stats = build_sft_examples(problems(1), tokenizer, truncate_prob=1.0, truncate_tokens=T, max_length=512)
+    start = full["response_start"]
+    answer = tokenizer(problems(1)[0].solution, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    # prompt: no loss; whole answer (with end of turn) otherwise
+    assert full["labels"][:start] == [-100] * start and full["labels"][start:] == answer
+    assert full["input_ids"][start:] == answer
+    # truncated: loss on exactly the first T answer tokens, and nothing after them is fed
+    assert cut["response_start"] == start and cut["input_ids"] == full["input_ids"][: start + T]
+    assert cut["labels"] == [-100] * start + answer[:T]
+    assert stats.truncated == 1 and stats.loss_tokens == T
+
+
+def test_truncation_probability_and_determinism(tokenizer):
+    rows, stats = build_sft_examples(problems(200, words=20), tokenizer, truncate_prob=0.9, truncate_tokens=4, max_length=512, seed=3)
+    assert 160 <= stats.truncated <= 195
+    again, _ = build_sft_examples(problems(200, words=20), tokenizer, truncate_prob=0.9, truncate_tokens=4, max_length=512, seed=3)
+    assert rows == again
+
+
+def test_short_answers_long_prompts_and_missing_solutions_are_counted(tokenizer):
+    items = problems(2, words=1) + [Problem("x", "q", "1", None), Problem("long", "word " * 400, "1", "#### 1")]
+    rows, stats = build_sft_examples(items, tokenizer, truncate_prob=1.0, truncate_tokens=64, max_length=128)
+    assert (stats.examples, stats.no_solution, stats.prompt_too_long, stats.shorter_than_truncation) == (2, 1, 1, 2)
+    assert "dropped 1 without a worked solution and 1 with prompts of >= 128 tokens" in stats.describe(128, 64)
+    rows, stats = build_sft_examples(problems(1, words=200), tokenizer, truncate_prob=0.0, truncate_tokens=64, max_length=100)
+    assert stats.answer_cut == 1 and len(rows[0]["input_ids"]) == 100
+    with pytest.raises(ValueError, match="truncate_prob"):
+        build_sft_examples(items, tokenizer, truncate_prob=1.5, truncate_tokens=64, max_length=128)
+
+
+def test_collator_right_pads_with_no_loss_on_padding():
+    batch = SFTCollator(pad_token_id=2)([
+        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "response_start": 1},
+        {"input_ids": [5, 6], "labels": [-100, 6], "response_start": 1},
+    ])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 6, 2]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, 6, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["response_start"].tolist() == [1, 1]
+
+
+def sft_args(model_dir, out, *extra):
+    return [
+        "--model", str(model_dir), "--task", "gsm8k", "--limit", "24", "--heldout", "4", "--max_length", "160",
+        "--truncate_tokens", "16", "--mode", "bias+prefix", "--radius", "0.05", "--learning_rate", "0.05",
+        "--per_device_train_batch_size", "2", "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1",
+        "--eval_limit", "0", "--output_dir", str(out), "--disable_tqdm", "true", *extra,
+    ]
+
+
+def test_sft_trains_only_the_vectors_within_the_radius_and_saves_a_loadable_artifact(tiny_model_dir, tmp_path, capsys):
+    from brep_rl import SteeringVectors, load_base
+
+    base_before = {k: v.clone() for k, v in load_base(str(tiny_model_dir))[0].state_dict().items()}
+    trainer = sft_main(sft_args(tiny_model_dir, tmp_path / "run"))
+    assert "held-out SFT loss (4 gsm8k train problems never trained on): base" in capsys.readouterr().out
+    model = trainer.model
+    assert all(torch.equal(v, base_before[k]) for k, v in model.state_dict().items() if not k.startswith("brep_steering"))
+    norms = [json.loads(line) for line in (tmp_path / "run" / "norms.jsonl").read_text().splitlines()]
+    assert [n["step"] for n in norms] == [1, 2, 3, 4]
+    assert all(max(n["bias"] + n["prefix"]) <= 0.05 + 1e-6 for n in norms)
+    assert max(norms[-1]["bias"]) > 0.04  # lr 0.05 pushes them to the bound: the restraint is what holds them
+    fresh, _ = load_base(str(tiny_model_dir))
+    loaded = SteeringVectors.from_pretrained(tmp_path / "run", fresh)
+    assert torch.equal(loaded.bias, trainer.steer.bias.detach())
+    assert loaded.config.provenance["stage"] == "sft" and loaded.config.provenance["global_step"] == 4
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoint-4").iterdir() if "model" in p.name) == []  # no base weights
+
+
+def test_sft_resume_continues_from_the_saved_step(tiny_model_dir, tmp_path):
+    whole = sft_main(sft_args(tiny_model_dir, tmp_path / "whole"))
+    sft_main(sft_args(tiny_model_dir, tmp_path / "cut", "--max_steps", "2"))  # "killed" after its step-2 checkpoint
+    resumed = sft_main(sft_args(tiny_model_dir, tmp_path / "cut", "--resume_from_checkpoint", "last"))
+    assert resumed.state.global_step == 4
+    assert torch.allclose(resumed.steer.bias, whole.steer.bias, atol=1e-6)
+    assert torch.allclose(resumed.steer.prefix, whole.steer.prefix, atol=1e-6)
+
+
+def test_sft_bad_input_fails_before_training(tiny_model_dir, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"question": f"q{i}", "answer": str(i)}) + "\n" for i in range(10)))
+    with pytest.raises(ValueError, match=r"no usable SFT examples .*dropped 6 without a worked solution"):
+        sft_main(sft_args(tiny_model_dir, tmp_path / "x", "--task", str(rows), "--limit", "10"))
+    config = tmp_path / "c.yaml"
+    config.write_text("model: smollm2-135m\nlearning_rat: 0.1\n")
+    with pytest.raises(ValueError, match="learning_rat"):
+        sft_main(["--config", str(config)])
+    with pytest.raises(ValueError, match="gradient_checkpointing is not supported"):
+        sft_main(sft_args(tiny_model_dir, tmp_path / "y", "--gradient_checkpointing", "true"))
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_sft_gives_identical_vectors_on_both_ranks(tiny_model_dir, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(ROOT / "tests" / "sft_ranks.py"), *sft_args(tiny_model_dir, out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world 2 steps 4" in proc.stdout
+    rank0, rank1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+    assert rank0["bias"].abs().sum() > 0
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert torch.equal(load_file(out / "steering.safetensors")["bias"], rank0["bias"])
