@@ -17,3 +17,7 @@ test: setup
 
 test-fast: setup
 	@$(PY) -m pytest -q -m "not slow" tests; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+# The main job: GRPO of bias vectors on SmolLM2-135M (offline), then base vs steered on held-out problems.
+demo: setup
+	@.venv/bin/accelerate launch --config_file configs/accelerate/single.yaml scripts/grpo.py --output_dir runs/demo $(ARGS)

@@ -1,4 +1,4 @@
-"""`brep-rl` command line: inspect | eval | sft | grpo."""
+"""`brep-rl` command line: eval | sft | grpo | inspect."""
 
 from __future__ import annotations
 
@@ -101,16 +101,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     inspect.add_argument("directory")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
 
-    commands.add_parser("sft", help="train steering vectors with SFT on truncated answers (flags: brep-rl sft --help)", add_help=False)
+    commands.add_parser("sft", help="train vectors with SFT on truncated answers (see brep-rl sft --help)", add_help=False)
+    commands.add_parser("grpo", help="train vectors with GRPO on verifiable rewards (see brep-rl grpo --help)", add_help=False)
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["sft"]:  # the trainer's own parser (YAML config + overrides) takes the rest
-        from brep_rl.sft import main as sft_main
+    if argv[:1] in (["sft"], ["grpo"]):  # the trainer's own parser (YAML config + overrides) takes the rest
+        import importlib
 
+        trainer_main = importlib.import_module(f"brep_rl.{argv[0]}").main
         try:
-            sft_main(argv[1:])
+            trainer_main(argv[1:])
         except (ArtifactError, ConfigError, DataError, FileNotFoundError, ValueError) as e:
-            print(f"brep-rl sft: error: {e}", file=sys.stderr)
+            print(f"brep-rl {argv[0]}: error: {e}", file=sys.stderr)
             return 2
         return 0
     args = parser.parse_args(argv)

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from brep_rl.data import DEFAULT_INSTRUCTION, Problem, chat_prompt, load_task
 from brep_rl.metrics import accuracy_interval, majority_vote, paired_difference, pass_at_k
-from brep_rl.steering import SteeringVectors
+from brep_rl.config import CONFIG_NAME
+from brep_rl.steering import WEIGHTS_NAME, SteeringVectors
 from reward import default_verifier, extract_answer, has_final_answer_format
 
 logger = logging.getLogger(__name__)
@@ -110,20 +111,21 @@ class RecordStore:
 
     def __init__(self, output: Path | None, settings: EvalSettings):
         self.path = output / "samples.jsonl" if output else None
+        self.run_file = output / "run.json" if output else None
         self.records: dict[tuple[str, str, int], dict[str, Any]] = {}
+        self.run: dict[str, Any] = {k: v for k, v in dataclasses.asdict(settings).items() if k != "batch_size"}
+        self.run["artifacts"] = {}
         if output is None:
             return
         output.mkdir(parents=True, exist_ok=True)
-        run_file = output / "run.json"
-        wanted = {k: v for k, v in dataclasses.asdict(settings).items() if k != "batch_size"}
-        if run_file.is_file():
-            previous = json.loads(run_file.read_text())
-            changed = {k: (previous.get(k), v) for k, v in wanted.items() if previous.get(k) != v}
+        if self.run_file.is_file():
+            previous = json.loads(self.run_file.read_text())
+            changed = {k: (previous.get(k), v) for k, v in self.run.items() if k != "artifacts" and previous.get(k) != v}
             if changed:
                 details = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
                 raise ValueError(f"{output} holds an evaluation with other settings ({details}); use another --output or delete it")
-        else:
-            run_file.write_text(json.dumps(wanted, indent=2) + "\n")
+            self.run["artifacts"] = previous.get("artifacts", {})
+        self.run_file.write_text(json.dumps(self.run, indent=2) + "\n")
         if self.path.is_file():
             text = self.path.read_text()
             dropped = 0
@@ -140,6 +142,22 @@ class RecordStore:
                 tmp = self.path.with_suffix(".jsonl.tmp")
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records.values()))
                 os.replace(tmp, self.path)
+
+    def check_artifact(self, label: str, artifact: str | None) -> None:
+        """Records of `label` are reused only for the very artifact that produced them (same file contents)."""
+        if artifact is None:
+            return
+        digest = hashlib.sha256()
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            digest.update((Path(artifact) / name).read_bytes())
+        fingerprint = digest.hexdigest()
+        previous = self.run["artifacts"].get(label)
+        if previous not in (None, fingerprint):
+            raise ValueError(f"{artifact} changed since {self.path} was written (its records are of another artifact); "
+                             "use another --output or delete it")
+        self.run["artifacts"][label] = fingerprint
+        if self.run_file:
+            self.run_file.write_text(json.dumps(self.run, indent=2) + "\n")
 
     def done(self, label: str, problem: Problem, samples: int) -> bool:
         return all((label, problem.id, s) in self.records for s in range(samples))
@@ -192,6 +210,7 @@ def evaluate(
     bar = tqdm(total=total, desc="eval", unit="sample", disable=not progress, dynamic_ncols=True)
     for variant, context in variant_contexts(model, artifacts, scales):
         variants.append(variant)
+        store.check_artifact(variant.label, variant.artifact)
         todo = [p for p in problems if not store.done(variant.label, p, k)]
         bar.update((len(problems) - len(todo)) * k)
         with context:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from brep_rl.data import DEFAULT_INSTRUCTION, DataError, Problem, chat_prompt, json_mapping, load_task
 from brep_rl.training import (
-    ModelArguments, RestraintCallback, SteeringArguments, SteeringTrainerMixin, load_for_training, use_cpu_without_gpu,
+    ModelArguments, RestraintCallback, SteeringArguments, SteeringTrainerMixin, load_for_training, configure_cpu_distributed,
+    zero3_enabled,
 )
 
 logger = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ class SteeringSFTConfig(TrainingArguments):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        use_cpu_without_gpu(self)
+        configure_cpu_distributed(self)
         super().__post_init__()
 
 
@@ -221,7 +223,9 @@ def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args
         print(f"\nheld-out SFT loss ({len(heldout_rows)} {data_args.task} {data_args.split} problems never trained on): "
               f"base {before:.4f} -> steered {after:.4f}")
     print(f"steering artifact: {output} (inspect it with `brep-rl inspect {output}`)")
-    if data_args.eval_limit > 0:
+    if data_args.eval_limit > 0 and zero3_enabled(trainer):
+        print(f"(no final eval under ZeRO-3, where generation needs every rank: run `brep-rl eval --steering {output}`)")
+    elif data_args.eval_limit > 0:
         report_eval(model, tokenizer, steer, data_args, output)
     return trainer
 
@@ -230,6 +234,7 @@ def report_eval(model, tokenizer, steer, data_args: SFTDataArguments, output: Pa
     """Base vs the trained vectors on a few problems of the eval task, through the harness."""
     from brep_rl.evaluate import EvalSettings, evaluate, markdown_table
 
+    shutil.rmtree(output / "eval", ignore_errors=True)  # a new artifact: records of an earlier run do not apply
     steer.detach()  # the harness attaches the saved artifact itself, as a user would
     model.eval()
     settings = EvalSettings(

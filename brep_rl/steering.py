@@ -171,14 +171,16 @@ class SteeringVectors(nn.Module):
 
     # ---- the forward machinery -------------------------------------------------------------------------
 
-    def forward(self, valid: torch.Tensor, columns: torch.Tensor, response_start: torch.Tensor) -> _Active:
-        """valid [B, T] bool, columns [T] absolute positions, response_start [B] -> what the site hooks add."""
+    def forward(self, valid: torch.Tensor, columns: torch.Tensor, response_start: torch.Tensor) -> tuple:
+        """valid [B, T] bool, columns [T] absolute positions, response_start [B] -> what the site hooks add:
+        (scaled bias, scaled prefix, bias mask [B, T, 1], prefix mask [B, T, 1]). A tuple of tensors, not an
+        object, so that DeepSpeed ZeRO-3 can hook the outputs and re-gather the vectors for the backward pass."""
         in_window = columns[None, :] < (response_start[:, None] + self.config.prefix_tokens)
-        return _Active(
-            bias=self.bias * self.scale if self.bias is not None else None,
-            prefix=self.prefix * self.scale if self.prefix is not None else None,
-            bias_mask=valid[..., None],
-            prefix_mask=(valid & in_window)[..., None],
+        return (
+            self.bias * self.scale if self.bias is not None else None,
+            self.prefix * self.scale if self.prefix is not None else None,
+            valid[..., None],
+            (valid & in_window)[..., None],
         )
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -211,7 +213,7 @@ class SteeringVectors(nn.Module):
                 # A fresh sequence: its input is the prompt (what was already cached counts as prompt too).
                 self._generation_start = past + length if past == 0 else past
             start = torch.full((batch,), self._generation_start, dtype=torch.long, device=device)
-        self._active = self(valid, columns, start)
+        self._active = _Active(*self(valid, columns, start))
 
     def _after_forward(self, module: nn.Module, args: tuple, output: object) -> None:
         self._active = None  # do not keep the graph or masks alive between calls
@@ -235,9 +237,20 @@ class SteeringVectors(nn.Module):
     def vectors(self) -> dict[str, nn.Parameter]:
         return {name: p for name, p in (("bias", self.bias), ("prefix", self.prefix)) if p is not None}
 
+    def gathered(self, modify: bool = False):
+        """Whole vectors inside this context, also under DeepSpeed ZeRO-3 where each rank holds a slice.
+        With `modify`, rank 0's changes are what every rank keeps."""
+        params = list(self.vectors().values())
+        if not any(hasattr(p, "ds_id") for p in params):
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
     def norms(self) -> dict[str, torch.Tensor]:
         """Per-layer L2 norms of each vector, {"bias": [L], "prefix": [L]}."""
-        return {name: p.detach().float().norm(dim=-1) for name, p in self.vectors().items()}
+        with self.gathered():
+            return {name: p.detach().float().norm(dim=-1) for name, p in self.vectors().items()}
 
     def radii(self) -> torch.Tensor | None:
         """Per-layer radius of the restraint ball, or None when unrestrained."""
@@ -256,10 +269,11 @@ class SteeringVectors(nn.Module):
         radii = self.radii()
         if radii is None:
             return
-        for p in self.vectors().values():
-            norms = p.norm(dim=-1)
-            factor = (radii.to(p.device) / norms.clamp_min(1e-12)).clamp(max=1.0)
-            p.mul_(factor[:, None])
+        with self.gathered(modify=True):
+            for p in self.vectors().values():
+                norms = p.norm(dim=-1)
+                factor = (radii.to(p.device) / norms.clamp_min(1e-12)).clamp(max=1.0)
+                p.mul_(factor[:, None])
 
     def penalty(self) -> torch.Tensor:
         """`config.penalty` x the summed squared norms: an optional soft restraint to add to a loss."""
@@ -292,19 +306,22 @@ class SteeringVectors(nn.Module):
     # ---- save / load ---------------------------------------------------------------------------------
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach().float().cpu().contiguous() for name, p in self.vectors().items()}
+        with self.gathered():
+            return {name: p.detach().float().cpu().clone() for name, p in self.vectors().items()}
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, tensors: dict[str, torch.Tensor] | None = None) -> Path:
         """Write steering.safetensors + steering_config.json into `directory`.
 
         Each file is written beside its destination and renamed into place, so a kill never leaves a
         half-written file; other files in the folder (a trainer's checkpoints) are left alone.
+        `tensors`: the output of `state_tensors()` when it was gathered beforehand (ZeRO-3: on every rank).
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        tensors = tensors if tensors is not None else self.state_tensors()
         tmp = Path(tempfile.mkdtemp(prefix=".steering.tmp-", dir=directory))
         try:
-            save_file(self.state_tensors(), str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "mode": self.config.mode})
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "mode": self.config.mode})
             self.config.to_json_file(tmp / CONFIG_NAME)
             umask = os.umask(0)
             os.umask(umask)
@@ -329,14 +346,16 @@ class SteeringVectors(nn.Module):
 
     @torch.no_grad()
     def load_tensors(self, tensors: dict[str, torch.Tensor], source: str = "tensors") -> None:
-        expected = {name: tuple(p.shape) for name, p in self.vectors().items()}
+        expected = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in self.vectors().items()}
         got = {name: tuple(t.shape) for name, t in tensors.items()}
         if expected != got:
             raise ArtifactError(f"{source}: expected tensors {expected} for mode {self.config.mode!r}, got {got}")
-        for name, p in self.vectors().items():
-            if not torch.isfinite(tensors[name]).all():
+        for name, t in tensors.items():
+            if not torch.isfinite(t).all():
                 raise ArtifactError(f"{source}: tensor {name!r} holds NaN or inf values")
-            p.copy_(tensors[name].to(p.device, torch.float32))
+        with self.gathered(modify=True):
+            for name, p in self.vectors().items():
+                p.copy_(tensors[name].to(p.device, torch.float32))
 
     def extra_repr(self) -> str:
         c = self.config

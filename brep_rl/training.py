@@ -72,11 +72,28 @@ def load_for_training(model_args: ModelArguments, steer_args: SteeringArguments,
     return model, tokenizer, steer
 
 
-def use_cpu_without_gpu(args) -> None:
-    """Without a GPU, train on the CPU explicitly: only then do 2 processes under torchrun/accelerate form one
-    gloo DDP group (otherwise transformers sees no distributed setup and each process trains alone)."""
-    if not torch.cuda.is_available() and not getattr(args, "use_cpu", False):
+def configure_cpu_distributed(args) -> None:
+    """Make multi-process training on a machine without a GPU work as it does with one. Call before
+    TrainingArguments.__post_init__.
+
+    Plain DDP: train on the CPU explicitly (use_cpu), or transformers sees no distributed setup and every process
+    trains alone. DeepSpeed: use_cpu would bypass DeepSpeed altogether, and without it transformers passes
+    accelerate no backend, so accelerate counts one process and sizes DeepSpeed's batch for a world of 1. So we
+    set up accelerate's state ourselves (DeepSpeed over gloo) and have the arguments adopt it.
+    """
+    if torch.cuda.is_available():
+        return
+    if not getattr(args, "deepspeed", None):
         args.use_cpu = True
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        PartialState(backend="gloo")
+        config = args.accelerator_config
+        if config is None or isinstance(config, dict):
+            args.accelerator_config = {**(config or {}), "use_configured_state": True}
 
 
 class RestraintCallback(TrainerCallback):
@@ -87,6 +104,12 @@ class RestraintCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.steer.project()
+
+
+def zero3_enabled(trainer) -> bool:
+    """Parameters partitioned across ranks: generation (e.g. a final eval) needs every rank, not just the first."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and plugin.zero_stage == 3
 
 
 class SteeringTrainerMixin:
@@ -100,20 +123,27 @@ class SteeringTrainerMixin:
     steer: SteeringVectors
 
     def check_steering_args(self) -> None:
-        if getattr(self.args, "gradient_checkpointing", False):
+        if getattr(self.args, "activation_checkpointing", False) or getattr(self.args, "gradient_checkpointing", False):
             raise ValueError(
-                "gradient_checkpointing is not supported with steering vectors: it re-runs layer forwards during the "
+                "gradient (activation) checkpointing is not supported with steering vectors: it re-runs layer forwards during the "
                 "backward pass, outside the steering window, which would silently give wrong gradients"
             )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         output_dir = output_dir or self.args.output_dir
+        tensors = self.steer.state_tensors()  # on every rank: under ZeRO-3 gathering the vectors is collective
         if self.args.should_save:
             self.steer.config.provenance.update(self.provenance())
-            self.steer.save_pretrained(output_dir)
+            self.steer.save_pretrained(output_dir, tensors)
 
     def provenance(self) -> dict:
         return {"trainer": type(self).__name__, "global_step": self.state.global_step, "learning_rate": self.args.learning_rate}
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if self.is_deepspeed_enabled:  # the engine's checkpoint would otherwise hold the whole frozen base
+            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+            return
+        super()._save_optimizer_and_scheduler(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         _, tensors = read_artifact(resume_from_checkpoint)
@@ -125,7 +155,7 @@ class SteeringTrainerMixin:
             self._load_from_checkpoint(self.state.best_model_checkpoint)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        norms = self.steer.norms()
+        norms = self.steer.norms()  # every rank logs, so a ZeRO-3 gather here is collective as it must be
         for name, values in norms.items():
             logs[f"{name}_norm_mean"] = round(float(values.mean()), 4)
             logs[f"{name}_norm_max"] = round(float(values.max()), 4)

@@ -6,6 +6,8 @@ conversational datasets, lists of messages (the last message's content is scored
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any
 
 from reward.extract import extract_answer, has_final_answer_format
@@ -40,6 +42,27 @@ def format_reward(prompts=None, completions=(), **kwargs) -> list[float]:
 
 
 accuracy_reward = make_accuracy_reward()
+
+logger = logging.getLogger(__name__)
+reward_failures: dict[str, int] = {}
+
+
+def guarded(func):
+    """A reward function that cannot stop training: if it raises, the batch gets None (TRL's "no reward", not 0)
+    from it, the failure is logged with its cause, and counted in `reward_failures[name]`."""
+    name = getattr(func, "__name__", type(func).__name__)
+
+    @functools.wraps(func)
+    def wrapper(prompts=None, completions=(), **kwargs):
+        try:
+            return func(prompts=prompts, completions=completions, **kwargs)
+        except Exception as e:
+            reward_failures[name] = reward_failures.get(name, 0) + 1
+            logger.error("reward function %s failed on a batch of %d (%s: %s); those completions get no reward from it",
+                         name, len(completions), type(e).__name__, e)
+            return [None] * len(completions)
+
+    return wrapper
 
 
 def verifier_stats() -> dict[str, float]:

@@ -72,6 +72,19 @@ def test_resume_with_other_settings_is_refused(tiny_llama, tokenizer, tmp_path):
         evaluate(tiny_llama, tokenizer, EvalSettings(max_new_tokens=5), [], None, tmp_path, problems=PROBLEMS[:1], progress=False)
 
 
+def test_resume_refuses_records_of_a_changed_artifact(tiny_llama, tokenizer, artifact, tmp_path):
+    settings = EvalSettings(max_new_tokens=3)
+    evaluate(tiny_llama, tokenizer, settings, [artifact], None, tmp_path / "run", problems=PROBLEMS[:2], progress=False)
+    evaluate(tiny_llama, tokenizer, settings, [artifact], None, tmp_path / "run", problems=PROBLEMS[:2], progress=False)  # same: fine
+    steer = SteeringVectors.from_pretrained(artifact, tiny_llama)
+    with torch.no_grad():
+        steer.bias.mul_(2)
+    steer.save_pretrained(artifact)  # retrained in place, same folder name
+    steer.detach()
+    with pytest.raises(ValueError, match=r"vec changed since .*samples.jsonl was written"):
+        evaluate(tiny_llama, tokenizer, settings, [artifact], None, tmp_path / "run", problems=PROBLEMS[:2], progress=False)
+
+
 def test_settings_validation():
     with pytest.raises(ValueError, match="greedy decoding gives identical samples"):
         EvalSettings(samples=4, temperature=0)

@@ -108,7 +108,7 @@ def test_sft_bad_input_fails_before_training(tiny_model_dir, tmp_path):
     config.write_text("model: smollm2-135m\nlearning_rat: 0.1\n")
     with pytest.raises(ValueError, match="learning_rat"):
         sft_main(["--config", str(config)])
-    with pytest.raises(ValueError, match="gradient_checkpointing is not supported"):
+    with pytest.raises(ValueError, match="checkpointing is not supported with steering vectors"):
         sft_main(sft_args(tiny_model_dir, tmp_path / "y", "--gradient_checkpointing", "true"))
     assert not (tmp_path / "x").exists()
 

@@ -1,0 +1,233 @@
+"""GRPO of steering vectors on verifiable math rewards, on TRL's GRPOTrainer.
+
+What differs from plain TRL:
+- only the vectors train; generation and the loss both run through the same hooks, and the loss forward
+  sets each row's response start (the padded prompt width) so the prefix window is exact;
+- the KL reference (beta > 0) is the same model with steering disabled, not a second copy of the base;
+- after every optimizer step the vectors are projected back inside their norm ball;
+- checkpoints hold the vectors and optimizer state (KB), never the base;
+- verifier timeouts/errors are logged every step.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import Dataset
+from torch import nn
+from transformers.trainer_utils import get_last_checkpoint
+from trl import GRPOConfig, GRPOTrainer
+
+from brep_rl.data import DEFAULT_INSTRUCTION, DataError, chat_prompt, json_mapping, load_task
+from brep_rl.steering import SteeringVectors
+from brep_rl.training import (
+    ModelArguments, RestraintCallback, SteeringArguments, SteeringTrainerMixin, load_for_training, configure_cpu_distributed,
+    zero3_enabled,
+)
+from reward import format_reward, guarded, make_accuracy_reward, reward_failures, verifier_stats
+
+logger = logging.getLogger(__name__)
+
+CHAIN_SUM_2X2 = '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}'
+
+
+@dataclass
+class GRPODataArguments:
+    task: str = field(default="rg:chain_sum", metadata={"help": "gsm8k | math500 | rg:<name> | path.jsonl"})
+    split: str = "train"
+    limit: int | None = field(default=2000, metadata={"help": "training problems to draw from"})
+    offset: int = 0
+    rg_config: str | None = field(default=CHAIN_SUM_2X2, metadata={"help": "reasoning-gym config, JSON"})
+    question: str = "{question}"
+    answer_field: str = "answer"
+    skip_invalid: bool = False
+    instruction: str | None = DEFAULT_INSTRUCTION
+    system_prompt: str | None = None
+    fallback: str = field(default="last_number", metadata={"help": "answer extraction without \\boxed{} or ####: last_number | none"})
+    format_reward_weight: float = field(default=0.0, metadata={"help": "weight of the #### / \\boxed{} format reward (0: accuracy only)"})
+    extra_rewards: str | None = field(default=None, metadata={"help": "comma-separated extra TRL reward functions as module:function, weight 1 each"})
+    eval_task: str | None = field(default=None, metadata={"help": "task of the final base vs steered eval (default: the training task)"})
+    eval_split: str = "test"
+    eval_limit: int = field(default=50, metadata={"help": "problems in the final eval (0: skip it)"})
+    eval_max_new_tokens: int | None = field(default=None, metadata={"help": "default: max_completion_length"})
+    eval_rg_config: str | None = field(default=None, metadata={"help": "default: rg_config when eval_task is the training task"})
+
+
+@dataclass
+class SteeringGRPOConfig(GRPOConfig):
+    """GRPOConfig with defaults for a few KB of vectors on a CPU (TRL's are for full fine-tuning on GPUs)."""
+
+    output_dir: str = "runs/grpo"
+    learning_rate: float = 3e-3
+    lr_scheduler_type: str = "constant"  # a warmup's first step has lr 0: a twelfth of a 12-step run lost
+    max_steps: int = 12
+    per_device_train_batch_size: int = 16
+    num_generations: int | None = 8
+    max_completion_length: int | None = 32
+    temperature: float = 0.7
+    beta: float = 0.0
+    weight_decay: float = 0.0
+    logging_steps: float = 1
+    save_steps: float = 4
+    save_total_limit: int | None = 2
+    bf16: bool | None = False
+    activation_checkpointing: bool | None = False  # it re-runs forwards outside the steering hooks
+    dataloader_pin_memory: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        configure_cpu_distributed(self)
+        super().__post_init__()
+
+
+class SteeringDisabled(nn.Module):
+    """The KL reference policy: the very same model with steering switched off (no second copy in memory)."""
+
+    def __init__(self, model: nn.Module, steer: SteeringVectors):
+        super().__init__()
+        object.__setattr__(self, "policy", model)  # not a submodule: it is the trained model, not a copy
+        object.__setattr__(self, "steer", steer)
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    def forward(self, *args, **kwargs):
+        with self.steer.disabled():
+            return self.policy(*args, **kwargs)
+
+
+class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
+    def __init__(self, model, steer: SteeringVectors, args: SteeringGRPOConfig, **kwargs):
+        beta = args.beta
+        args.beta = 0.0  # with beta > 0 TRL would load a second full model as the reference
+        try:
+            super().__init__(model=model, args=args, **kwargs)
+        finally:
+            args.beta = beta
+        self.beta = beta
+        self.ref_model = SteeringDisabled(model, steer) if beta else None
+        self.steer = steer
+        self.check_steering_args()
+        self.add_callback(RestraintCallback(steer))
+        self._verifier_seen = verifier_stats()
+        self._failures_seen = dict(reward_failures)
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        # prompt (left-padded) + completion: every row's answer starts at the padded prompt width
+        with self.steer.window(input_ids.size(1) - logits_to_keep):
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        now = verifier_stats()
+        mode = "train" if self.model.training else "eval"
+        for key in ("timeouts", "errors"):
+            self._metrics[mode][f"verifier/{key}"].append(now[key] - self._verifier_seen[key])
+        self._verifier_seen = now
+        self._metrics[mode]["reward_failures"].append(sum(reward_failures.values()) - sum(self._failures_seen.values()))
+        self._failures_seen = dict(reward_failures)
+        return rewards
+
+    def provenance(self) -> dict:
+        return {**super().provenance(), "beta": self.beta, "num_generations": self.args.num_generations,
+                "temperature": self.args.temperature, "max_completion_length": self.args.max_completion_length}
+
+
+def prompt_dataset(problems, instruction: str | None, system_prompt: str | None) -> Dataset:
+    """Conversational prompts (TRL applies the chat template, as the eval harness does) with the gold `answer`."""
+    rows = []
+    for p in problems:
+        content = f"{p.question}\n{instruction}" if instruction else p.question
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": content}]
+        rows.append({"prompt": messages, "answer": p.answer})
+    return Dataset.from_list(rows)
+
+
+def reward_functions(data_args: GRPODataArguments) -> tuple[list, list[float]]:
+    """Accuracy (weight 1), the optional format reward, and any extra `module:function` rewards (weight 1 each)."""
+    funcs, weights = [make_accuracy_reward(fallback=data_args.fallback)], [1.0]
+    if data_args.format_reward_weight > 0:
+        funcs.append(format_reward)
+        weights.append(data_args.format_reward_weight)
+    for path in filter(None, (data_args.extra_rewards or "").split(",")):
+        module, _, name = path.strip().partition(":")
+        try:
+            funcs.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"extra_rewards: cannot import {path.strip()!r} as module:function ({e})") from None
+        weights.append(1.0)
+    return funcs, weights
+
+
+def run_grpo(model_args: ModelArguments, steer_args: SteeringArguments, data_args: GRPODataArguments, train_args: SteeringGRPOConfig) -> SteeringGRPOTrainer:
+    """Train with GRPO, save the artifact to output_dir and (main process) compare base vs steered on held-out problems."""
+    rg_config = json_mapping(data_args.rg_config)
+    problems = load_task(
+        data_args.task, data_args.split, data_args.limit, data_args.offset, train_args.seed, data_args.question,
+        data_args.answer_field, rg_config=rg_config, skip_invalid=data_args.skip_invalid,
+    )
+    if not all(p.answer for p in problems):
+        raise DataError(f"task {data_args.task!r}: every problem needs a gold answer for the reward")
+
+    def calibration(tokenizer):
+        texts = [chat_prompt(tokenizer, p.question, data_args.instruction, data_args.system_prompt) for p in problems[:8]]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return enc.input_ids, enc.attention_mask
+
+    model, tokenizer, steer = load_for_training(model_args, steer_args, calibration)
+    steer.config.provenance = {**steer.config.provenance, "stage": "grpo", "task": data_args.task, "split": data_args.split,
+                               "rg_config": rg_config}
+    funcs, weights = reward_functions(data_args)
+    train_args.reward_weights = weights
+    trainer = SteeringGRPOTrainer(
+        model=model, steer=steer, args=train_args, reward_funcs=[guarded(f) for f in funcs],
+        train_dataset=prompt_dataset(problems, data_args.instruction, data_args.system_prompt), processing_class=tokenizer,
+    )
+    resume = train_args.resume_from_checkpoint
+    if resume == "last":
+        resume = get_last_checkpoint(train_args.output_dir)
+        if resume is None:
+            logger.warning("resume_from_checkpoint=last: no checkpoint in %s, starting fresh", train_args.output_dir)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    output = Path(train_args.output_dir)
+    if trainer.is_world_process_zero():
+        print(f"\nsteering artifact: {output} (inspect it with `brep-rl inspect {output}`)")
+        if data_args.eval_limit > 0 and zero3_enabled(trainer):
+            print(f"(no final eval under ZeRO-3, where generation needs every rank: run `brep-rl eval --steering {output}`)")
+        elif data_args.eval_limit > 0:
+            report_eval(model, tokenizer, steer, data_args, train_args, output)
+    return trainer
+
+
+def report_eval(model, tokenizer, steer, data_args: GRPODataArguments, train_args: SteeringGRPOConfig, output: Path) -> None:
+    """Greedy base vs steered accuracy on held-out problems of the eval task, through the harness."""
+    from brep_rl.evaluate import EvalSettings, evaluate, markdown_table
+
+    shutil.rmtree(output / "eval", ignore_errors=True)  # a new artifact: records of an earlier run do not apply
+    steer.detach()  # the harness loads the saved artifact itself, as a user would
+    model.eval()
+    same_task = data_args.eval_task in (None, data_args.task)
+    settings = EvalSettings(
+        task=data_args.task if same_task else data_args.eval_task, split=data_args.eval_split, limit=data_args.eval_limit,
+        max_new_tokens=data_args.eval_max_new_tokens or train_args.max_completion_length, instruction=data_args.instruction,
+        system_prompt=data_args.system_prompt, fallback=data_args.fallback, seed=train_args.seed,
+        rg_config=json_mapping(data_args.eval_rg_config if data_args.eval_rg_config or not same_task else data_args.rg_config),
+    )
+    summary = evaluate(model, tokenizer, settings, [str(output)], output=output / "eval")
+    print(f"\nbase vs steered, greedy, on {settings.limit} held-out {settings.task} ({settings.split}) problems:")
+    print(markdown_table(summary))
+
+
+def main(argv: list[str] | None = None) -> SteeringGRPOTrainer:
+    """`brep-rl grpo` / `scripts/grpo.py`: --config YAML plus command-line overrides (TRL's parser)."""
+    from trl import TrlParser
+
+    parser = TrlParser((ModelArguments, SteeringArguments, GRPODataArguments, SteeringGRPOConfig))
+    model_args, steer_args, data_args, train_args = parser.parse_args_and_config(argv)
+    return run_grpo(model_args, steer_args, data_args, train_args)

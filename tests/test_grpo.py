@@ -1,0 +1,140 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from brep_rl.grpo import SteeringDisabled, main as grpo_main
+from reward import guarded, reward_failures
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAIN = '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}'
+
+
+def grpo_args(model_dir, out, *extra):
+    return [
+        "--model", str(model_dir), "--task", "rg:chain_sum", "--rg_config", CHAIN, "--limit", "40",
+        "--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "6",
+        "--max_steps", "2", "--save_steps", "1", "--learning_rate", "0.05", "--mode", "bias+prefix", "--radius", "0.05",
+        "--eval_limit", "0", "--output_dir", str(out), "--disable_tqdm", "true", "--temperature", "1.0",
+        "--extra_rewards", "toy_rewards:text_length", *extra,
+    ]
+
+
+def test_grpo_trains_only_the_vectors_within_the_radius(tiny_model_dir, tmp_path):
+    from brep_rl import SteeringVectors, load_base
+
+    base = load_base(str(tiny_model_dir))[0].state_dict()
+    trainer = grpo_main(grpo_args(tiny_model_dir, tmp_path / "run"))
+    assert trainer.state.global_step == 2 and trainer.ref_model is None  # beta = 0: no reference at all
+    assert all(torch.equal(v, base[k]) for k, v in trainer.model.state_dict().items() if not k.startswith("brep_steering"))
+    norms = [json.loads(line) for line in (tmp_path / "run" / "norms.jsonl").read_text().splitlines()]
+    assert all(max(n["bias"] + n["prefix"]) <= 0.05 + 1e-6 for n in norms)
+    assert max(norms[-1]["bias"]) > 0.04  # lr 0.05 pushes them to the bound: the restraint is what holds them
+    logged = trainer.state.log_history[0]
+    assert {"reward", "frac_reward_zero_std", "bias_norm_max", "verifier/timeouts", "reward_failures"} <= set(logged)
+    loaded = SteeringVectors.from_pretrained(tmp_path / "run", load_base(str(tiny_model_dir))[0])
+    assert loaded.config.provenance["stage"] == "grpo" and loaded.config.provenance["global_step"] == 2
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert not [p for p in checkpoint.iterdir() if p.name.startswith("model")]  # vectors and optimizer state only
+    assert sum(p.stat().st_size for p in checkpoint.iterdir()) < 1_000_000
+
+
+def test_kl_reference_is_the_same_model_with_steering_disabled(tiny_model_dir, tmp_path):
+    trainer = grpo_main(grpo_args(tiny_model_dir, tmp_path / "run", "--beta", "0.1", "--max_steps", "1"))
+    ref = trainer.ref_model
+    assert isinstance(ref, SteeringDisabled) and ref.policy is trainer.model
+    assert list(ref.parameters()) == []  # holds no weights of its own: no second copy of the base
+    assert "kl" in trainer.state.log_history[0]
+    with torch.no_grad():
+        trainer.steer.bias.fill_(0.05)
+    ids = torch.randint(3, 1000, (2, 12))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ref_logps, _, _ = trainer._get_per_token_logps_and_entropies(ref, ids, mask, 4)
+        policy_logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, 4)
+        with trainer.steer.disabled():
+            base_logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, 4)
+    assert torch.equal(ref_logps, base_logps)
+    assert not torch.allclose(ref_logps, policy_logps)
+
+
+def test_grpo_resume_continues_from_the_last_checkpoint(tiny_model_dir, tmp_path):
+    grpo_main(grpo_args(tiny_model_dir, tmp_path / "run", "--max_steps", "1"))
+    saved = load_file(tmp_path / "run" / "checkpoint-1" / "steering.safetensors")
+    resumed = grpo_main(grpo_args(tiny_model_dir, tmp_path / "run", "--resume_from_checkpoint", "last"))
+    assert resumed.state.global_step == 2
+    steps = [h["step"] for h in resumed.state.log_history if "loss" in h]
+    assert steps == [1, 2]  # step 1 from the checkpoint's history, step 2 trained now
+    assert saved["bias"].abs().sum() > 0
+
+
+def test_a_failing_reward_function_is_counted_not_fatal():
+    def broken(prompts=None, completions=(), **kwargs):
+        raise RuntimeError("grader crashed")
+
+    before = reward_failures.get("broken", 0)
+    assert guarded(broken)(prompts=["p"] * 3, completions=["a", "b", "c"]) == [None, None, None]
+    assert reward_failures["broken"] == before + 1
+
+
+def test_bad_grpo_input_fails_before_any_work(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"generation_batch_size \(6\) must be divisible by num_generations \(4\)"):
+        grpo_main(grpo_args(tiny_model_dir, tmp_path / "a", "--per_device_train_batch_size", "6"))
+    rows = tmp_path / "rows.jsonl"
+    with pytest.raises(ValueError, match=r"extra_rewards: cannot import 'toy_rewards:nope'"):
+        grpo_main(grpo_args(tiny_model_dir, tmp_path / "c", "--extra_rewards", "toy_rewards:nope"))
+    rows.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n" + json.dumps({"question": "2+2?"}) + "\n")
+    with pytest.raises(ValueError, match=r"rows\.jsonl:2: missing field 'answer'"):
+        grpo_main(grpo_args(tiny_model_dir, tmp_path / "b", "--task", str(rows)))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def launch(args, out, launcher, timeout=900):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", DS_ACCELERATOR="cpu")
+    cmd = [sys.executable, "-m", *launcher, str(ROOT / "tests" / "grpo_ranks.py"), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    return proc
+
+
+TORCHRUN = ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_grpo_gives_identical_vectors(tiny_model_dir, tmp_path):
+    out = tmp_path / "ddp"
+    proc = launch(grpo_args(tiny_model_dir, out), out, TORCHRUN)
+    assert proc.stdout.count("world 2 steps 2 engine DistributedDataParallel") == 2
+    rank0, rank1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+    assert rank0["bias"].abs().sum() > 0 and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, steps", [(2, 2), (3, 1)])
+def test_two_process_deepspeed_grpo(tiny_model_dir, tmp_path, stage, steps):
+    out = tmp_path / f"zero{stage}"
+    config = tmp_path / f"zero{stage}.json"  # the shipped config, with every parameter partitioned under ZeRO-3,
+    settings = json.loads((ROOT / "configs" / "deepspeed" / f"zero{stage}.json").read_text())  # the vectors too
+    settings["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    config.write_text(json.dumps(settings))
+    proc = launch(grpo_args(tiny_model_dir, out, "--deepspeed", str(config), "--max_steps", str(steps), "--save_steps", "1"), out,
+                  TORCHRUN[:-1] + [str(29540 + stage)])
+    assert proc.stdout.count(f"world 2 steps {steps} engine DeepSpeedEngine") == 2
+    rank0, rank1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+    assert rank0["bias"].abs().sum() > 0 and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    from brep_rl import SteeringVectors, load_base
+
+    loaded = SteeringVectors.from_pretrained(out, load_base(str(tiny_model_dir))[0])
+    assert torch.equal(loaded.bias.detach(), rank0["bias"])
+    # DeepSpeed's engine checkpoint keeps what trains plus the tied embedding/output weight, never the decoder layers
+    files = list((out / "checkpoint-1" / "global_step1").glob("*model_states.pt"))
+    assert files
+    for path in files:
+        states = torch.load(path, weights_only=False)
+        kept = set(states["module"] or {}) - {"brep_steering.bias", "brep_steering.prefix"}
+        assert kept <= {"lm_head.weight", "model.embed_tokens.weight"}, (path.name, kept)  # the tied pair at most
