@@ -23,7 +23,7 @@ def inspect_artifact(directory: str, as_json: bool = False) -> str:
         f"  base model   {config.base_model} ({config.model_type}, hidden {config.hidden_size}, {config.num_hidden_layers} layers)",
         f"  site         {config.site}",
         f"  mode         {config.mode}" + (f" (prefix_tokens={config.prefix_tokens})" if config.uses_prefix else ""),
-        f"  restraint    " + ("none" if config.radius is None else f"radius {config.radius}" + (" x site norm" if config.radius_relative else "")),
+        "  restraint    " + ("none" if config.radius is None else f"radius {config.radius}" + (" x site norm" if config.radius_relative else "")),
         f"  parameters   {sum(t.numel() for t in tensors.values()):,} ({size / 1024:.1f} KiB)",
     ]
     if config.provenance:

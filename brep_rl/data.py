@@ -180,7 +180,10 @@ def load_reasoning_gym(name: str, split: str, size: int, seed: int = 0, config: 
             continue
         seen.add(question)
         meta = {k: v for k, v in entry.get("metadata", {}).items() if isinstance(v, (str, int, float, bool))}
-        problems.append(Problem(f"rg-{name}-{split}-{seed}-{index}", question, str(entry["answer"]), None, meta))
+        answer = str(entry["answer"])
+        cot = meta.pop("answer_cot", None)  # a worked solution, in the datasets that have one (e.g. gsm_symbolic)
+        solution = f"{cot.strip()}\n#### {answer}" if cot else None
+        problems.append(Problem(f"rg-{name}-{split}-{seed}-{index}", question, answer, solution, meta))
         if len(problems) == size:
             break
     if len(problems) < size:
@@ -230,3 +233,10 @@ def chat_prompt(tokenizer, question: str, instruction: str | None = DEFAULT_INST
     content = f"{question}\n{instruction}" if instruction else question
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": content}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prompt_batch(tokenizer, problems: list[Problem], instruction: str | None, system_prompt: str | None = None):
+    """(input_ids, attention_mask) of the chat prompts of `problems`, left-padded: e.g. to calibrate site norms."""
+    texts = [chat_prompt(tokenizer, p.question, instruction, system_prompt) for p in problems]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc.input_ids, enc.attention_mask

@@ -13,20 +13,19 @@ from __future__ import annotations
 
 import importlib
 import logging
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from datasets import Dataset
 from torch import nn
-from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer
 
-from brep_rl.data import DEFAULT_INSTRUCTION, DataError, chat_prompt, json_mapping, load_task
+from brep_rl.data import DEFAULT_INSTRUCTION, DataError, json_mapping, load_task, prompt_batch
+from brep_rl.evaluate import EvalSettings
 from brep_rl.steering import SteeringVectors
 from brep_rl.training import (
-    ModelArguments, RestraintCallback, SteeringArguments, SteeringTrainerMixin, load_for_training, configure_cpu_distributed,
-    zero3_enabled,
+    ModelArguments, RestraintCallback, SteeringArguments, SteeringTrainerMixin, check_machine, configure_cpu_distributed,
+    final_eval,
+    load_for_training, quiet_dependency_warnings, train_and_save,
 )
 from reward import format_reward, guarded, make_accuracy_reward, reward_failures, verifier_stats
 
@@ -80,6 +79,7 @@ class SteeringGRPOConfig(GRPOConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_machine(self)
         configure_cpu_distributed(self)
         super().__post_init__()
 
@@ -175,9 +175,7 @@ def run_grpo(model_args: ModelArguments, steer_args: SteeringArguments, data_arg
         raise DataError(f"task {data_args.task!r}: every problem needs a gold answer for the reward")
 
     def calibration(tokenizer):
-        texts = [chat_prompt(tokenizer, p.question, data_args.instruction, data_args.system_prompt) for p in problems[:8]]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        return enc.input_ids, enc.attention_mask
+        return prompt_batch(tokenizer, problems[:8], data_args.instruction, data_args.system_prompt)
 
     model, tokenizer, steer = load_for_training(model_args, steer_args, calibration)
     steer.config.provenance = {**steer.config.provenance, "stage": "grpo", "task": data_args.task, "split": data_args.split,
@@ -188,46 +186,30 @@ def run_grpo(model_args: ModelArguments, steer_args: SteeringArguments, data_arg
         model=model, steer=steer, args=train_args, reward_funcs=[guarded(f) for f in funcs],
         train_dataset=prompt_dataset(problems, data_args.instruction, data_args.system_prompt), processing_class=tokenizer,
     )
-    resume = train_args.resume_from_checkpoint
-    if resume == "last":
-        resume = get_last_checkpoint(train_args.output_dir)
-        if resume is None:
-            logger.warning("resume_from_checkpoint=last: no checkpoint in %s, starting fresh", train_args.output_dir)
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()
-    output = Path(train_args.output_dir)
+    output = train_and_save(trainer)
     if trainer.is_world_process_zero():
         print(f"\nsteering artifact: {output} (inspect it with `brep-rl inspect {output}`)")
-        if data_args.eval_limit > 0 and zero3_enabled(trainer):
-            print(f"(no final eval under ZeRO-3, where generation needs every rank: run `brep-rl eval --steering {output}`)")
-        elif data_args.eval_limit > 0:
-            report_eval(model, tokenizer, steer, data_args, train_args, output)
+        if data_args.eval_limit > 0:
+            final_eval(trainer, tokenizer, eval_settings(data_args, train_args))
     return trainer
 
 
-def report_eval(model, tokenizer, steer, data_args: GRPODataArguments, train_args: SteeringGRPOConfig, output: Path) -> None:
-    """Greedy base vs steered accuracy on held-out problems of the eval task, through the harness."""
-    from brep_rl.evaluate import EvalSettings, evaluate, markdown_table
-
-    shutil.rmtree(output / "eval", ignore_errors=True)  # a new artifact: records of an earlier run do not apply
-    steer.detach()  # the harness loads the saved artifact itself, as a user would
-    model.eval()
+def eval_settings(data_args: GRPODataArguments, train_args: SteeringGRPOConfig) -> EvalSettings:
+    """Greedy, on held-out problems of the eval task (default: the training task's test split)."""
     same_task = data_args.eval_task in (None, data_args.task)
-    settings = EvalSettings(
+    return EvalSettings(
         task=data_args.task if same_task else data_args.eval_task, split=data_args.eval_split, limit=data_args.eval_limit,
         max_new_tokens=data_args.eval_max_new_tokens or train_args.max_completion_length, instruction=data_args.instruction,
         system_prompt=data_args.system_prompt, fallback=data_args.fallback, seed=train_args.seed,
         rg_config=json_mapping(data_args.eval_rg_config if data_args.eval_rg_config or not same_task else data_args.rg_config),
     )
-    summary = evaluate(model, tokenizer, settings, [str(output)], output=output / "eval")
-    print(f"\nbase vs steered, greedy, on {settings.limit} held-out {settings.task} ({settings.split}) problems:")
-    print(markdown_table(summary))
 
 
 def main(argv: list[str] | None = None) -> SteeringGRPOTrainer:
     """`brep-rl grpo` / `scripts/grpo.py`: --config YAML plus command-line overrides (TRL's parser)."""
     from trl import TrlParser
 
+    quiet_dependency_warnings()
     parser = TrlParser((ModelArguments, SteeringArguments, GRPODataArguments, SteeringGRPOConfig))
     model_args, steer_args, data_args, train_args = parser.parse_args_and_config(argv)
     return run_grpo(model_args, steer_args, data_args, train_args)

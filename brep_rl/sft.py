@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import logging
 import random
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
-from brep_rl.data import DEFAULT_INSTRUCTION, DataError, Problem, chat_prompt, json_mapping, load_task
+from brep_rl.data import DEFAULT_INSTRUCTION, DataError, Problem, chat_prompt, json_mapping, load_task, prompt_batch
+from brep_rl.evaluate import EvalSettings
 from brep_rl.training import (
-    ModelArguments, RestraintCallback, SteeringArguments, SteeringTrainerMixin, load_for_training, configure_cpu_distributed,
-    zero3_enabled,
+    ModelArguments, RestraintCallback, SteeringArguments, SteeringTrainerMixin, check_machine, configure_cpu_distributed,
+    final_eval,
+    load_for_training, quiet_dependency_warnings, train_and_save,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,6 +70,7 @@ class SteeringSFTConfig(TrainingArguments):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_machine(self)
         configure_cpu_distributed(self)
         super().__post_init__()
 
@@ -185,9 +185,7 @@ def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args
         )
 
     def calibration(tokenizer):
-        texts = [chat_prompt(tokenizer, p.question, data_args.instruction, data_args.system_prompt) for p in train_problems[:8]]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        return enc.input_ids, enc.attention_mask
+        return prompt_batch(tokenizer, train_problems[:8], data_args.instruction, data_args.system_prompt)
 
     model, tokenizer, steer = load_for_training(model_args, steer_args, calibration)
     train_rows, stats = examples(train_problems, train_args.seed)
@@ -202,14 +200,7 @@ def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args
         model=model, args=train_args, train_dataset=train_rows, eval_dataset=heldout_rows or None,
         data_collator=SFTCollator(tokenizer.pad_token_id), steer=steer,
     )
-    resume = train_args.resume_from_checkpoint
-    if resume == "last":
-        resume = get_last_checkpoint(train_args.output_dir)
-        if resume is None:
-            logger.warning("resume_from_checkpoint=last: no checkpoint in %s, starting fresh", train_args.output_dir)
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()
-    output = Path(train_args.output_dir)
+    output = train_and_save(trainer)
     # Both held-out losses after training, on every rank (evaluation is collective). Not before: an evaluate()
     # ahead of train() marks the model as prepared by accelerate, which then skips the DDP wrap.
     before = after = None
@@ -223,33 +214,20 @@ def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args
         print(f"\nheld-out SFT loss ({len(heldout_rows)} {data_args.task} {data_args.split} problems never trained on): "
               f"base {before:.4f} -> steered {after:.4f}")
     print(f"steering artifact: {output} (inspect it with `brep-rl inspect {output}`)")
-    if data_args.eval_limit > 0 and zero3_enabled(trainer):
-        print(f"(no final eval under ZeRO-3, where generation needs every rank: run `brep-rl eval --steering {output}`)")
-    elif data_args.eval_limit > 0:
-        report_eval(model, tokenizer, steer, data_args, output)
+    if data_args.eval_limit > 0:
+        final_eval(trainer, tokenizer, EvalSettings(
+            task=data_args.eval_task, split=data_args.eval_split, limit=data_args.eval_limit,
+            max_new_tokens=data_args.eval_max_new_tokens, instruction=data_args.instruction,
+            system_prompt=data_args.system_prompt, rg_config=json_mapping(data_args.eval_rg_config), seed=train_args.seed,
+        ))
     return trainer
-
-
-def report_eval(model, tokenizer, steer, data_args: SFTDataArguments, output: Path) -> None:
-    """Base vs the trained vectors on a few problems of the eval task, through the harness."""
-    from brep_rl.evaluate import EvalSettings, evaluate, markdown_table
-
-    shutil.rmtree(output / "eval", ignore_errors=True)  # a new artifact: records of an earlier run do not apply
-    steer.detach()  # the harness attaches the saved artifact itself, as a user would
-    model.eval()
-    settings = EvalSettings(
-        task=data_args.eval_task, split=data_args.eval_split, limit=data_args.eval_limit,
-        max_new_tokens=data_args.eval_max_new_tokens, instruction=data_args.instruction,
-        system_prompt=data_args.system_prompt, rg_config=json_mapping(data_args.eval_rg_config),
-    )
-    summary = evaluate(model, tokenizer, settings, [str(output)], output=output / "eval")
-    print(markdown_table(summary))
 
 
 def main(argv: list[str] | None = None) -> SteeringSFTTrainer:
     """`brep-rl sft` / `scripts/sft.py`: --config YAML plus command-line overrides (TRL's parser)."""
     from trl import TrlParser
 
+    quiet_dependency_warnings()
     parser = TrlParser((ModelArguments, SteeringArguments, SFTDataArguments, SteeringSFTConfig))
     model_args, steer_args, data_args, train_args = parser.parse_args_and_config(argv)
     return run_sft(model_args, steer_args, data_args, train_args)

@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from brep_rl.config import SteeringConfig
 from brep_rl.model import load_base
@@ -24,7 +27,7 @@ logger = logging.getLogger(__name__)
 class ModelArguments:
     model: str = field(default="smollm2-135m", metadata={"help": "alias, .gguf file, HF folder or hub id"})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16 (the vectors stay fp32)"})
-    threads: int | None = field(default=None, metadata={"help": "torch CPU threads per process (default: torch's choice)"})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads per process (default: cores / local processes)"})
 
 
 @dataclass
@@ -52,8 +55,11 @@ def load_for_training(model_args: ModelArguments, steer_args: SteeringArguments,
 
     `calibration(tokenizer) -> (input_ids, attention_mask)`: a batch to measure site norms on, for a relative radius.
     """
-    if model_args.threads:
-        torch.set_num_threads(model_args.threads)
+    # Deliberately: `accelerate launch` sets OMP_NUM_THREADS=1, which runs a single process at half speed on 2 cores.
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = model_args.threads or max(1, (os.cpu_count() or 1) // local_processes)
+    torch.set_num_threads(threads)
+    logger.warning("torch threads per process: %d (%d local process(es); set --threads to change)", threads, local_processes)
     model, tokenizer = load_base(model_args.model, dtype=model_args.dtype)
     if steer_args.init_from:
         steer = SteeringVectors.from_pretrained(steer_args.init_from, model)
@@ -70,6 +76,25 @@ def load_for_training(model_args: ModelArguments, steer_args: SteeringArguments,
     for p in steer.parameters():
         p.requires_grad_(True)
     return model, tokenizer, steer
+
+
+def quiet_dependency_warnings() -> None:
+    """transformers/TRL deprecation notices about names they use internally would bury the progress bar."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl)\.")
+
+
+def check_machine(args) -> None:
+    """Refuse, before any work, a launch this machine cannot run."""
+    if args.deepspeed and isinstance(args.deepspeed, str) and not Path(args.deepspeed).is_file():
+        raise ValueError(f"deepspeed config {args.deepspeed} not found (see configs/deepspeed/)")
+    if torch.cuda.is_available():
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = os.cpu_count() or 1
+    if local > cores:
+        raise ValueError(f"{local} processes on this machine but only {cores} CPU cores and no GPU: launch at most {cores}")
+    if args.fp16:
+        raise ValueError("fp16 training needs a GPU; on a CPU train in fp32 (the default) or bf16")
 
 
 def configure_cpu_distributed(args) -> None:
@@ -110,6 +135,37 @@ def zero3_enabled(trainer) -> bool:
     """Parameters partitioned across ranks: generation (e.g. a final eval) needs every rank, not just the first."""
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     return plugin is not None and plugin.zero_stage == 3
+
+
+def train_and_save(trainer) -> Path:
+    """Train (resuming from args.resume_from_checkpoint: a checkpoint, or "last" for the newest in output_dir),
+    then save the artifact to output_dir."""
+    resume = trainer.args.resume_from_checkpoint
+    if resume == "last":
+        resume = get_last_checkpoint(trainer.args.output_dir)
+        if resume is None:
+            logger.warning("resume_from_checkpoint=last: no checkpoint in %s, starting fresh", trainer.args.output_dir)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    return Path(trainer.args.output_dir)
+
+
+def final_eval(trainer, tokenizer, settings) -> None:
+    """Base vs the saved artifact through the harness (main process), as a user would run it; records in output_dir/eval."""
+    from brep_rl.evaluate import evaluate, markdown_table
+
+    output = Path(trainer.args.output_dir)
+    if zero3_enabled(trainer):
+        print(f"(no final eval under ZeRO-3, where generation needs every rank: run `brep-rl eval --steering {output}`)")
+        return
+    shutil.rmtree(output / "eval", ignore_errors=True)  # a new artifact: records of an earlier run do not apply
+    trainer.steer.detach()  # the harness loads the saved artifact itself
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.eval()
+    summary = evaluate(model, tokenizer, settings, [str(output)], output=output / "eval")
+    print(f"\nbase vs steered on {settings.limit} {settings.task} ({settings.split}) problems, "
+          + ("greedy:" if settings.temperature == 0 else f"temperature {settings.temperature}:"))
+    print(markdown_table(summary))
 
 
 class SteeringTrainerMixin:

@@ -69,3 +69,10 @@ def test_task_and_selection_errors():
 def test_chat_prompt_uses_the_template(tokenizer):
     text = chat_prompt(tokenizer, "What is 2+2?", "Answer with ####.")
     assert text.endswith("<|im_start|>assistant\n") and "What is 2+2?\nAnswer with ####." in text
+
+
+def test_reasoning_gym_worked_solutions_become_sft_solutions():
+    [p] = load_task("rg:gsm_symbolic", "train", limit=1)
+    assert p.solution and p.solution.endswith(f"#### {p.answer}") and "answer_cot" not in p.meta
+    [q] = load_task("rg:chain_sum", "train", limit=1)
+    assert q.solution is None  # no worked solution in this dataset: SFT drops it and says so

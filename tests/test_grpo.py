@@ -138,3 +138,12 @@ def test_two_process_deepspeed_grpo(tiny_model_dir, tmp_path, stage, steps):
         states = torch.load(path, weights_only=False)
         kept = set(states["module"] or {}) - {"brep_steering.bias", "brep_steering.prefix"}
         assert kept <= {"lm_head.weight", "model.embed_tokens.weight"}, (path.name, kept)  # the tied pair at most
+
+
+def test_a_launch_that_does_not_fit_the_machine_is_refused(tiny_model_dir, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"deepspeed config .*nope\.json not found"):
+        grpo_main(grpo_args(tiny_model_dir, tmp_path / "a", "--deepspeed", str(tmp_path / "nope.json")))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str((os.cpu_count() or 1) + 1))
+    with pytest.raises(ValueError, match=r"processes on this machine but only \d+ CPU cores"):
+        grpo_main(grpo_args(tiny_model_dir, tmp_path / "b"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
