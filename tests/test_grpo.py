@@ -94,21 +94,29 @@ def test_bad_grpo_input_fails_before_any_work(tiny_model_dir, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def launch(args, out, launcher, timeout=900):
+def launch(args, launcher, timeout=900):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", DS_ACCELERATOR="cpu")
-    cmd = [sys.executable, "-m", *launcher, str(ROOT / "tests" / "grpo_ranks.py"), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = [*launcher, str(ROOT / "tests" / "grpo_ranks.py"), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     return proc
 
 
-TORCHRUN = ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+def torchrun(port):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+
+
+def accelerate(config, port):
+    """The documented accelerate forms (on CPU, `--cpu --num_processes 2` would start one process)."""
+    return [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", f"configs/accelerate/{config}.yaml",
+            "--main_process_port", str(port)]
 
 
 @pytest.mark.slow
-def test_two_process_ddp_grpo_gives_identical_vectors(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("launcher", [torchrun(29531), accelerate("ddp", 29532)], ids=["torchrun", "accelerate"])
+def test_two_process_ddp_grpo_gives_identical_vectors(tiny_model_dir, tmp_path, launcher):
     out = tmp_path / "ddp"
-    proc = launch(grpo_args(tiny_model_dir, out), out, TORCHRUN)
+    proc = launch(grpo_args(tiny_model_dir, out), launcher)
     assert proc.stdout.count("world 2 steps 2 engine DistributedDataParallel") == 2
     rank0, rank1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
     assert rank0["bias"].abs().sum() > 0 and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
@@ -122,8 +130,8 @@ def test_two_process_deepspeed_grpo(tiny_model_dir, tmp_path, stage, steps):
     settings = json.loads((ROOT / "configs" / "deepspeed" / f"zero{stage}.json").read_text())  # the vectors too
     settings["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     config.write_text(json.dumps(settings))
-    proc = launch(grpo_args(tiny_model_dir, out, "--deepspeed", str(config), "--max_steps", str(steps), "--save_steps", "1"), out,
-                  TORCHRUN[:-1] + [str(29540 + stage)])
+    proc = launch(grpo_args(tiny_model_dir, out, "--deepspeed", str(config), "--max_steps", str(steps), "--save_steps", "1"),
+                  torchrun(29540 + stage))
     assert proc.stdout.count(f"world 2 steps {steps} engine DeepSpeedEngine") == 2
     rank0, rank1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
     assert rank0["bias"].abs().sum() > 0 and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
@@ -138,6 +146,28 @@ def test_two_process_deepspeed_grpo(tiny_model_dir, tmp_path, stage, steps):
         states = torch.load(path, weights_only=False)
         kept = set(states["module"] or {}) - {"brep_steering.bias", "brep_steering.prefix"}
         assert kept <= {"lm_head.weight", "model.embed_tokens.weight"}, (path.name, kept)  # the tied pair at most
+
+
+@pytest.mark.slow
+def test_deepspeed_through_accelerate_launch(tiny_model_dir, tmp_path):
+    out = tmp_path / "acc-zero2"
+    proc = launch(grpo_args(tiny_model_dir, out, "--max_steps", "1"), accelerate("zero2", 29550))
+    assert proc.stdout.count("world 2 steps 1 engine DeepSpeedEngine") == 2
+
+
+def test_grpo_starts_from_sft_vectors(tiny_model_dir, tmp_path):
+    """The two-stage recipe: SFT, then GRPO --init_from the SFT artifact."""
+    from test_sft import sft_args
+
+    from brep_rl.sft import main as sft_main
+
+    sft = sft_main(sft_args(tiny_model_dir, tmp_path / "sft", "--max_steps", "2"))
+    grpo = grpo_main(grpo_args(tiny_model_dir, tmp_path / "grpo", "--init_from", str(tmp_path / "sft"), "--learning_rate", "0",
+                               "--max_steps", "1", "--radius", "1.0"))
+    assert torch.equal(grpo.steer.bias, sft.steer.bias) and torch.equal(grpo.steer.prefix, sft.steer.prefix)  # lr 0: kept
+    provenance = json.loads((tmp_path / "grpo" / "steering_config.json").read_text())["provenance"]
+    assert provenance["stage"] == "grpo" and provenance["previous"]["stage"] == "sft"
+    assert provenance["init_from"] == str(tmp_path / "sft")
 
 
 def test_a_launch_that_does_not_fit_the_machine_is_refused(tiny_model_dir, tmp_path, monkeypatch):
