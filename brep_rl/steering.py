@@ -44,12 +44,14 @@ class ArtifactError(ValueError):
 
 @dataclass
 class _Active:
-    """What the site hooks add during one forward call."""
+    """What the site hooks add during one forward call. A mask of None means "every position" for the bias and
+    "no position" for the prefix, so the common cases (no padding; decoding past the window) cost one add or nothing."""
 
     bias: torch.Tensor | None  # [L, d], scaled, in the autograd graph
     prefix: torch.Tensor | None
-    bias_mask: torch.Tensor  # [B, T, 1] bool: real (non-padding) tokens
-    prefix_mask: torch.Tensor  # [B, T, 1] bool: real tokens inside the prefix window
+    bias_mask: torch.Tensor | None  # [B, T, 1] in the hidden dtype: real (non-padding) tokens
+    prefix_mask: torch.Tensor | None  # [B, T, 1]: real tokens inside the prefix window
+    prefix_everywhere: bool = False
 
 
 class SteeringVectors(nn.Module):
@@ -213,7 +215,15 @@ class SteeringVectors(nn.Module):
                 # A fresh sequence: its input is the prompt (what was already cached counts as prompt too).
                 self._generation_start = past + length if past == 0 else past
             start = torch.full((batch,), self._generation_start, dtype=torch.long, device=device)
-        self._active = _Active(*self(valid, columns, start))
+        bias, prefix, bias_mask, prefix_mask = self(valid, columns, start)
+        dtype = _hidden_dtype(module)
+        self._active = _Active(
+            bias=bias,
+            prefix=prefix if bool(prefix_mask.any()) else None,
+            bias_mask=None if bool(bias_mask.all()) else bias_mask.to(dtype),
+            prefix_mask=prefix_mask.to(dtype),
+            prefix_everywhere=bool(prefix_mask.all()),
+        )
 
     def _after_forward(self, module: nn.Module, args: tuple, output: object) -> None:
         self._active = None  # do not keep the graph or masks alive between calls
@@ -225,9 +235,11 @@ class SteeringVectors(nn.Module):
                 return None
             dtype = output.dtype
             if active.bias is not None:
-                output = output + active.bias_mask.to(dtype) * active.bias[row].to(dtype)
+                bias = active.bias[row].to(dtype)
+                output = output + (bias if active.bias_mask is None else active.bias_mask * bias)
             if active.prefix is not None:
-                output = output + active.prefix_mask.to(dtype) * active.prefix[row].to(dtype)
+                prefix = active.prefix[row].to(dtype)
+                output = output + (prefix if active.prefix_everywhere else active.prefix_mask * prefix)
             return output
 
         return hook
@@ -360,6 +372,13 @@ class SteeringVectors(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return f"mode={c.mode}, site={c.site}, layers={len(self.layer_ids)}, dim={self.dim}, prefix_tokens={c.prefix_tokens}, radius={c.radius}"
+
+
+def _hidden_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point() and not p.requires_grad:  # a base weight, not one of our fp32 vectors
+            return p.dtype
+    return torch.float32
 
 
 def read_artifact(directory: str | Path) -> tuple[SteeringConfig, dict[str, torch.Tensor]]:
