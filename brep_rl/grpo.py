@@ -23,8 +23,7 @@ from brep_rl.data import DEFAULT_INSTRUCTION, DataError, json_mapping, load_task
 from brep_rl.evaluate import EvalSettings
 from brep_rl.steering import SteeringVectors
 from brep_rl.training import (
-    ModelArguments, RestraintCallback, SteeringArguments, SteeringTrainerMixin, check_machine, configure_cpu_distributed,
-    final_eval,
+    ModelArguments, RestraintCallback, SteeringArguments, SteeringTrainerMixin, final_eval, fit_to_machine,
     load_for_training, quiet_dependency_warnings, train_and_save,
 )
 from reward import format_reward, guarded, make_accuracy_reward, reward_failures, verifier_stats
@@ -79,8 +78,7 @@ class SteeringGRPOConfig(GRPOConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_machine(self)
-        configure_cpu_distributed(self)
+        fit_to_machine(self)
         super().__post_init__()
 
 

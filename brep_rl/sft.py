@@ -17,8 +17,7 @@ from transformers import Trainer, TrainingArguments
 from brep_rl.data import DEFAULT_INSTRUCTION, DataError, Problem, chat_prompt, json_mapping, load_task, prompt_batch
 from brep_rl.evaluate import EvalSettings
 from brep_rl.training import (
-    ModelArguments, RestraintCallback, SteeringArguments, SteeringTrainerMixin, check_machine, configure_cpu_distributed,
-    final_eval,
+    ModelArguments, RestraintCallback, SteeringArguments, SteeringTrainerMixin, final_eval, fit_to_machine,
     load_for_training, quiet_dependency_warnings, train_and_save,
 )
 
@@ -70,8 +69,7 @@ class SteeringSFTConfig(TrainingArguments):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_machine(self)
-        configure_cpu_distributed(self)
+        fit_to_machine(self)
         super().__post_init__()
 
 

@@ -83,6 +83,13 @@ def quiet_dependency_warnings() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl)\.")
 
 
+def fit_to_machine(args) -> None:
+    """For TrainingArguments subclasses, before their __post_init__: refuse what this machine cannot run, then
+    set up multi-process training on CPU."""
+    check_machine(args)
+    configure_cpu_distributed(args)
+
+
 def check_machine(args) -> None:
     """Refuse, before any work, a launch this machine cannot run."""
     if args.deepspeed and isinstance(args.deepspeed, str) and not Path(args.deepspeed).is_file():
