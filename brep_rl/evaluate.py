@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from brep_rl.config import CONFIG_NAME
 from brep_rl.data import DEFAULT_INSTRUCTION, Problem, chat_prompt, load_task
 from brep_rl.metrics import accuracy_interval, majority_vote, paired_difference, pass_at_k
-from brep_rl.config import CONFIG_NAME
 from brep_rl.steering import WEIGHTS_NAME, SteeringVectors
 from reward import default_verifier, extract_answer, has_final_answer_format
 

@@ -44,13 +44,14 @@ class ArtifactError(ValueError):
 
 @dataclass
 class _Active:
-    """What the site hooks add during one forward call. A mask of None means "every position" for the bias and
-    "no position" for the prefix, so the common cases (no padding; decoding past the window) cost one add or nothing."""
+    """What the site hooks add during one forward call, shaped so the common cases cost one add or nothing:
+    bias_mask None means every position is a real token (no padding); prefix None means no position of this call
+    lies in the window (decoding past it); prefix_everywhere means every position does."""
 
     bias: torch.Tensor | None  # [L, d], scaled, in the autograd graph
     prefix: torch.Tensor | None
     bias_mask: torch.Tensor | None  # [B, T, 1] in the hidden dtype: real (non-padding) tokens
-    prefix_mask: torch.Tensor | None  # [B, T, 1]: real tokens inside the prefix window
+    prefix_mask: torch.Tensor  # [B, T, 1] in the hidden dtype: real tokens inside the prefix window
     prefix_everywhere: bool = False
 
 

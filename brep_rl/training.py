@@ -73,8 +73,6 @@ def load_for_training(model_args: ModelArguments, steer_args: SteeringArguments,
             raise ValueError("radius_relative needs calibration data to measure the site norms")
         steer.calibrate(*calibration(tokenizer))
     steer.project()
-    for p in steer.parameters():
-        p.requires_grad_(True)
     return model, tokenizer, steer
 
 
