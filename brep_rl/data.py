@@ -240,3 +240,25 @@ def prompt_batch(tokenizer, problems: list[Problem], instruction: str | None, sy
     texts = [chat_prompt(tokenizer, p.question, instruction, system_prompt) for p in problems]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     return enc.input_ids, enc.attention_mask
+
+
+@dataclass
+class TaskArguments:
+    """Which problems a training stage reads, and how they are put to the model (shared by SFT and GRPO)."""
+
+    task: str = field(default="gsm8k", metadata={"help": "gsm8k | math500 | rg:<name> | path.jsonl"})
+    split: str = "train"
+    limit: int | None = field(default=2000, metadata={"help": "problems to read"})
+    offset: int = 0
+    rg_config: str | None = field(default=None, metadata={"help": "reasoning-gym dataset config, JSON (or a YAML mapping)"})
+    question: str = field(default="{question}", metadata={"help": "question template over JSONL fields"})
+    answer_field: str = "answer"
+    skip_invalid: bool = False
+    instruction: str | None = DEFAULT_INSTRUCTION
+    system_prompt: str | None = None
+
+    def load_problems(self, seed: int, solution_field: str | None = None) -> list[Problem]:
+        return load_task(
+            self.task, self.split, self.limit, self.offset, seed, self.question, self.answer_field, solution_field,
+            json_mapping(self.rg_config), self.skip_invalid,
+        )

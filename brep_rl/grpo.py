@@ -19,7 +19,7 @@ from datasets import Dataset
 from torch import nn
 from trl import GRPOConfig, GRPOTrainer
 
-from brep_rl.data import DEFAULT_INSTRUCTION, DataError, json_mapping, load_task, prompt_batch
+from brep_rl.data import DataError, TaskArguments, json_mapping, prompt_batch
 from brep_rl.evaluate import EvalSettings
 from brep_rl.steering import SteeringVectors
 from brep_rl.training import (
@@ -34,17 +34,9 @@ CHAIN_SUM_2X2 = '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits":
 
 
 @dataclass
-class GRPODataArguments:
+class GRPODataArguments(TaskArguments):
     task: str = field(default="rg:chain_sum", metadata={"help": "gsm8k | math500 | rg:<name> | path.jsonl"})
-    split: str = "train"
-    limit: int | None = field(default=2000, metadata={"help": "training problems to draw from"})
-    offset: int = 0
     rg_config: str | None = field(default=CHAIN_SUM_2X2, metadata={"help": "reasoning-gym config, JSON"})
-    question: str = "{question}"
-    answer_field: str = "answer"
-    skip_invalid: bool = False
-    instruction: str | None = DEFAULT_INSTRUCTION
-    system_prompt: str | None = None
     fallback: str = field(default="last_number", metadata={"help": "answer extraction without \\boxed{} or ####: last_number | none"})
     format_reward_weight: float = field(default=0.0, metadata={"help": "weight of the #### / \\boxed{} format reward (0: accuracy only)"})
     extra_rewards: str | None = field(default=None, metadata={"help": "comma-separated extra TRL reward functions as module:function, weight 1 each"})
@@ -164,11 +156,7 @@ def reward_functions(data_args: GRPODataArguments) -> tuple[list, list[float]]:
 
 def run_grpo(model_args: ModelArguments, steer_args: SteeringArguments, data_args: GRPODataArguments, train_args: SteeringGRPOConfig) -> SteeringGRPOTrainer:
     """Train with GRPO, save the artifact to output_dir and (main process) compare base vs steered on held-out problems."""
-    rg_config = json_mapping(data_args.rg_config)
-    problems = load_task(
-        data_args.task, data_args.split, data_args.limit, data_args.offset, train_args.seed, data_args.question,
-        data_args.answer_field, rg_config=rg_config, skip_invalid=data_args.skip_invalid,
-    )
+    problems = data_args.load_problems(train_args.seed)
     if not all(p.answer for p in problems):
         raise DataError(f"task {data_args.task!r}: every problem needs a gold answer for the reward")
 
@@ -177,7 +165,7 @@ def run_grpo(model_args: ModelArguments, steer_args: SteeringArguments, data_arg
 
     model, tokenizer, steer = load_for_training(model_args, steer_args, calibration)
     steer.config.provenance = {**steer.config.provenance, "stage": "grpo", "task": data_args.task, "split": data_args.split,
-                               "rg_config": rg_config}
+                               "rg_config": json_mapping(data_args.rg_config)}
     funcs, weights = reward_functions(data_args)
     train_args.reward_weights = weights
     trainer = SteeringGRPOTrainer(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainingArguments
 
-from brep_rl.data import DEFAULT_INSTRUCTION, DataError, Problem, chat_prompt, json_mapping, load_task, prompt_batch
+from brep_rl.data import DEFAULT_INSTRUCTION, DataError, Problem, TaskArguments, chat_prompt, json_mapping, prompt_batch
 from brep_rl.evaluate import EvalSettings
 from brep_rl.training import (
     ModelArguments, RestraintCallback, SteeringArguments, SteeringTrainerMixin, final_eval, fit_to_machine,
@@ -25,22 +25,13 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class SFTDataArguments:
+class SFTDataArguments(TaskArguments):
     task: str = field(default="gsm8k", metadata={"help": "gsm8k | math500 | rg:<name> | path.jsonl (rows need a worked solution)"})
-    split: str = "train"
-    limit: int | None = field(default=2000, metadata={"help": "problems to read (the held-out ones included)"})
-    offset: int = 0
+    solution_field: str | None = None
     heldout: int = field(default=32, metadata={"help": "problems kept out of training, from the end of the selection, for held-out loss"})
     truncate_prob: float = field(default=0.9, metadata={"help": "probability that an example keeps loss on the first truncate_tokens only (0: plain SFT)"})
     truncate_tokens: int = field(default=64, metadata={"help": "answer tokens that carry loss in a truncated example"})
     max_length: int = field(default=384, metadata={"help": "prompt + answer tokens; longer answers are cut, longer prompts dropped"})
-    instruction: str | None = DEFAULT_INSTRUCTION
-    system_prompt: str | None = None
-    question: str = "{question}"
-    answer_field: str = "answer"
-    solution_field: str | None = None
-    rg_config: str | None = field(default=None, metadata={"help": "reasoning-gym dataset config, JSON (or a YAML mapping)"})
-    skip_invalid: bool = False
     eval_task: str = field(default="gsm8k", metadata={"help": "after training: a short base vs steered eval with the harness"})
     eval_split: str = "test"
     eval_limit: int = field(default=20, metadata={"help": "problems in that eval (0: skip it)"})
@@ -168,10 +159,7 @@ class SteeringSFTTrainer(SteeringTrainerMixin, Trainer):
 
 def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args: SFTDataArguments, train_args: SteeringSFTConfig) -> SteeringSFTTrainer:
     """Train, save the artifact to output_dir, report held-out loss before/after and (main process) a short eval."""
-    problems = load_task(
-        data_args.task, data_args.split, data_args.limit, data_args.offset, train_args.seed, data_args.question,
-        data_args.answer_field, data_args.solution_field, json_mapping(data_args.rg_config), data_args.skip_invalid,
-    )
+    problems = data_args.load_problems(train_args.seed, data_args.solution_field)
     if data_args.heldout >= len(problems):
         raise DataError(f"heldout={data_args.heldout} leaves no training problems out of {len(problems)}")
     train_problems, heldout_problems = problems[: len(problems) - data_args.heldout], problems[len(problems) - data_args.heldout :]
