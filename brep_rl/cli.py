@@ -61,7 +61,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rg-config", type=json.loads, default=None, help="reasoning-gym dataset config as JSON")
     parser.add_argument("--skip-invalid", action="store_true", help="skip (and count) invalid JSONL rows instead of stopping")
     parser.add_argument("--output", default=None, help="folder for samples.jsonl + summary.json/.md; re-running resumes")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--backend", default=d.backend, choices=["auto", "transformers", "llama.cpp"],
+                        help="what generates: auto picks llama.cpp for a GGUF base when llama-cpp-python is installed "
+                             "and can apply the artifacts (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
@@ -79,6 +82,7 @@ def run_eval(args: argparse.Namespace) -> None:
         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
         seed=args.seed, instruction=args.instruction or None, system_prompt=args.system_prompt, fallback=args.fallback,
         question=args.question, answer_field=args.answer_field, rg_config=args.rg_config, skip_invalid=args.skip_invalid,
+        backend=args.backend,
     )
     model, tokenizer = load_base(args.model, dtype=args.dtype)
     summary = evaluate(model, tokenizer, settings, args.steering, scales, args.output)
@@ -91,6 +95,7 @@ def run_eval(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     from brep_rl.config import ConfigError
     from brep_rl.data import DataError
+    from brep_rl.rollout import BackendUnavailable
 
     parser = argparse.ArgumentParser(prog="brep-rl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -111,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         trainer_main = importlib.import_module(f"brep_rl.{argv[0]}").main
         try:
             trainer_main(argv[1:])
-        except (ArtifactError, ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        except (ArtifactError, BackendUnavailable, ConfigError, DataError, FileNotFoundError, ValueError) as e:
             print(f"brep-rl {argv[0]}: error: {e}", file=sys.stderr)
             return 2
         return 0
@@ -121,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(inspect_artifact(args.directory, as_json=args.json))
         elif args.command == "eval":
             run_eval(args)
-    except (ArtifactError, ConfigError, DataError, FileNotFoundError, ValueError) as e:
+    except (ArtifactError, BackendUnavailable, ConfigError, DataError, FileNotFoundError, ValueError) as e:
         print(f"brep-rl {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

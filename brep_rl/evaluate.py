@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,8 @@ from tqdm.auto import tqdm
 from brep_rl.config import CONFIG_NAME
 from brep_rl.data import DEFAULT_INSTRUCTION, Problem, chat_prompt, load_task
 from brep_rl.metrics import accuracy_interval, majority_vote, paired_difference, pass_at_k
-from brep_rl.steering import WEIGHTS_NAME, SteeringVectors
+from brep_rl.rollout import Backend, Rollouts, Sampling, make_backend
+from brep_rl.steering import WEIGHTS_NAME, SteeringVectors, read_artifact
 from reward import default_verifier, extract_answer, has_final_answer_format
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class EvalSettings:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     max_new_tokens: int = 256
-    batch_size: int = 16  # sequences per generate() call
+    batch_size: int = 16  # sequences per generation call
     seed: int = 0
     instruction: str | None = DEFAULT_INSTRUCTION
     system_prompt: str | None = None
@@ -52,6 +52,7 @@ class EvalSettings:
     answer_field: str = "answer"
     rg_config: dict[str, Any] | None = None
     skip_invalid: bool = False
+    backend: str = "auto"  # auto | transformers | llama.cpp (see brep_rl.rollout)
 
     def __post_init__(self) -> None:
         if self.samples < 1:
@@ -67,39 +68,6 @@ class Variant:
     label: str
     artifact: str | None = None
     scale: float = 1.0
-
-
-@dataclass
-class Generation:
-    texts: list[str]
-    tokens: list[int]  # generated tokens per sequence, up to and including the end-of-sequence token
-    seconds: float
-
-
-def generate(model, tokenizer, prompts: list[str], settings: EvalSettings, num_return_sequences: int = 1) -> Generation:
-    """Batched generation from chat-formatted prompts (left-padded); rows come out prompt-major."""
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    sampling = settings.temperature > 0
-    kwargs = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0) if sampling else dict(do_sample=False)
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(
-            **enc, max_new_tokens=settings.max_new_tokens, num_return_sequences=num_return_sequences,
-            pad_token_id=tokenizer.pad_token_id, **kwargs,
-        )
-    seconds = time.perf_counter() - start
-    completions = out[:, enc.input_ids.shape[1]:]
-    eos = {tokenizer.eos_token_id, *(_as_list(model.generation_config.eos_token_id))}
-    tokens = []
-    for row in completions.tolist():
-        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-        tokens.append(end)
-    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    return Generation(texts, tokens, seconds)
-
-
-def _as_list(value) -> list:
-    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _batch_seed(seed: int, label: str, first_id: str) -> int:
@@ -172,9 +140,10 @@ class RecordStore:
 
 
 def variant_contexts(model, artifacts: list[str], scales: list[float]):
-    """Yields (Variant, context) in order: the base, then each artifact at each scale, one artifact attached at a time."""
+    """Yields (Variant, steering vectors or None, context) in order: the base, then each artifact at each scale, one
+    artifact attached at a time."""
     if not artifacts:
-        yield Variant(BASE), contextlib.nullcontext()
+        yield Variant(BASE), None, contextlib.nullcontext()
         return
     names = [Path(a).name for a in artifacts]
     labels = names if len(set(names)) == len(names) else artifacts
@@ -182,10 +151,10 @@ def variant_contexts(model, artifacts: list[str], scales: list[float]):
         steer = SteeringVectors.from_pretrained(artifact, model)
         try:
             if index == 0:
-                yield Variant(BASE), steer.disabled()
+                yield Variant(BASE), steer, steer.disabled()
             for scale in scales:
                 label = name if scales == [1.0] else f"{name}@{scale:g}"
-                yield Variant(label, artifact, scale), steer.scaled(scale)
+                yield Variant(label, artifact, scale), steer, steer.scaled(scale)
         finally:
             steer.detach()
 
@@ -193,8 +162,11 @@ def variant_contexts(model, artifacts: list[str], scales: list[float]):
 def evaluate(
     model, tokenizer, settings: EvalSettings, artifacts: list[str] | None = None, scales: list[float] | None = None,
     output: str | Path | None = None, problems: list[Problem] | None = None, progress: bool = True,
+    backend: Backend | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the base and each artifact (at each scale) on the same problems; returns the summary."""
+    """Evaluate the base and each artifact (at each scale) on the same problems; returns the summary.
+
+    `backend` generates (default: `settings.backend` for this model and these artifacts, see brep_rl.rollout)."""
     artifacts = list(artifacts or [])
     scales = list(scales or [1.0])
     problems = problems if problems is not None else load_task(
@@ -202,24 +174,30 @@ def evaluate(
         settings.answer_field, rg_config=settings.rg_config, skip_invalid=settings.skip_invalid,
     )
     store = RecordStore(Path(output) if output else None, settings)
+    if backend is None:
+        configs = [read_artifact(a)[0] for a in artifacts]
+        backend = make_backend(settings.backend, model, tokenizer, model.name_or_path, configs, torch.get_num_threads())
     prompts = {p.id: chat_prompt(tokenizer, p.question, settings.instruction, settings.system_prompt) for p in problems}
     k = settings.samples
     per_batch = max(1, settings.batch_size // k)
     variants = []
     total = len(problems) * k * (1 + len(artifacts) * len(scales))
     bar = tqdm(total=total, desc="eval", unit="sample", disable=not progress, dynamic_ncols=True)
-    for variant, context in variant_contexts(model, artifacts, scales):
+    for variant, steer, context in variant_contexts(model, artifacts, scales):
         variants.append(variant)
         store.check_artifact(variant.label, variant.artifact)
         todo = [p for p in problems if not store.done(variant.label, p, k)]
         bar.update((len(problems) - len(todo)) * k)
         with context:
+            backend.sync(steer)
             for i in range(0, len(todo), per_batch):
                 batch = todo[i : i + per_batch]
-                bar.set_postfix_str(variant.label)
-                torch.manual_seed(_batch_seed(settings.seed, variant.label, batch[0].id))
-                gen = generate(model, tokenizer, [prompts[p.id] for p in batch], settings, num_return_sequences=k)
-                store.add(score(variant, batch, prompts, gen, settings))
+                bar.set_postfix_str(f"{variant.label} ({backend.name})")
+                sampling = Sampling(settings.max_new_tokens, settings.temperature, settings.top_p,
+                                    seed=_batch_seed(settings.seed, variant.label, batch[0].id))
+                ids = [tokenizer(prompts[p.id], add_special_tokens=False).input_ids for p in batch]
+                rollouts = backend.generate(ids, k, sampling)
+                store.add(score(variant, batch, prompts, rollouts, tokenizer, settings))
                 bar.update(len(batch) * k)
     bar.close()
     summary = summarize(store, problems, variants, settings)
@@ -228,19 +206,22 @@ def evaluate(
     return summary
 
 
-def score(variant: Variant, batch: list[Problem], prompts: dict[str, str], gen: Generation, settings: EvalSettings) -> list[dict[str, Any]]:
+def score(variant: Variant, batch: list[Problem], prompts: dict[str, str], rollouts: Rollouts, tokenizer,
+          settings: EvalSettings) -> list[dict[str, Any]]:
     k = settings.samples
-    extracted = [extract_answer(t, settings.fallback) for t in gen.texts]
+    texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
+    extracted = [extract_answer(t, settings.fallback) for t in texts]
     golds = [p.answer for p in batch for _ in range(k)]
     correct = default_verifier().check(golds, extracted)
     records = []
-    for row, text in enumerate(gen.texts):
+    for row, text in enumerate(texts):
         problem = batch[row // k]
         records.append({
             "model": variant.label, "artifact": variant.artifact, "scale": variant.scale,
             "problem_id": problem.id, "sample": row % k, "prompt": prompts[problem.id], "completion": text,
             "extracted": extracted[row], "gold": problem.answer, "correct": correct[row],
-            "formatted": has_final_answer_format(text), "tokens": gen.tokens[row], "seconds": gen.seconds / len(gen.texts),
+            "formatted": has_final_answer_format(text), "tokens": len(rollouts.completion_ids[row]),
+            "seconds": rollouts.seconds / len(texts),
         })
     return records
 

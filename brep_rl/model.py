@@ -91,6 +91,14 @@ def resolve_model_path(name: str) -> tuple[str, str | None]:
     return name, None  # a hub id; from_pretrained raises its own error offline
 
 
+def gguf_path(name: str) -> Path | None:
+    """The GGUF file behind a model name (the alias or a .gguf path), or None for HF folders and hub ids."""
+    if name == SMOLLM2_ALIAS:
+        return smollm2_gguf()
+    path = Path(name).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def load_base(
     name: str = SMOLLM2_ALIAS,
     dtype: str | torch.dtype = "float32",

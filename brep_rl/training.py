@@ -34,7 +34,8 @@ class ModelArguments:
 class SteeringArguments:
     mode: str = field(default="bias", metadata={"help": "bias | prefix | bias+prefix"})
     site: str = field(default="mlp.down_proj", metadata={"help": "submodule of each decoder layer to steer"})
-    layers: list[int] | None = field(default=None, metadata={"help": "layer indices to steer (default: all)"})
+    layers: str = field(default="1-", metadata={"help": "layers to steer: 'all', or indices and ranges such as '1-' "
+                        "(1 to the last; the default, which llama.cpp rollouts can apply: they cannot steer layer 0), '2-20', '0,4,8'"})
     prefix_tokens: int = field(default=8, metadata={"help": "answer tokens covered by the prefix vector"})
     radius: float | None = field(default=None, metadata={"help": "L2 bound per layer vector (None: unrestrained)"})
     radius_relative: bool = field(default=False, metadata={"help": "radius as a multiple of the site's median output norm"})
@@ -43,11 +44,31 @@ class SteeringArguments:
     init_std: float = field(default=0.01)
     init_from: str | None = field(default=None, metadata={"help": "start from a saved artifact (e.g. SFT vectors before GRPO)"})
 
-    def to_config(self) -> SteeringConfig:
+    def to_config(self, num_layers: int) -> SteeringConfig:
         return SteeringConfig(
-            site=self.site, layers=self.layers, mode=self.mode, prefix_tokens=self.prefix_tokens, radius=self.radius,
+            site=self.site, layers=parse_layers(self.layers, num_layers), mode=self.mode, prefix_tokens=self.prefix_tokens, radius=self.radius,
             radius_relative=self.radius_relative, penalty=self.penalty, init=self.init, init_std=self.init_std,
         )
+
+
+def parse_layers(spec: str | list[int], num_layers: int) -> list[int] | None:
+    """'all' -> None (every layer); '1-' -> 1..num_layers-1; '2-5,9' -> [2, 3, 4, 5, 9]; a list passes through."""
+    if isinstance(spec, list):
+        return spec
+    if spec.strip() == "all":
+        return None
+    layers: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            first, dash, last = part.partition("-")
+            start = int(first)
+            stop = (int(last) if last else num_layers - 1) if dash else start
+            layers.extend(range(start, stop + 1))
+    except ValueError:
+        raise ValueError(f"layers: expected 'all' or indices/ranges such as '1-', '2-20', '0,4,8'; got {spec!r}") from None
+    if not layers:
+        raise ValueError(f"layers: {spec!r} names no layer (the model has {num_layers}: 0..{num_layers - 1})")
+    return layers
 
 
 def load_for_training(model_args: ModelArguments, steer_args: SteeringArguments, calibration: Callable | None = None):
@@ -67,7 +88,7 @@ def load_for_training(model_args: ModelArguments, steer_args: SteeringArguments,
         steer.config.radius, steer.config.radius_relative, steer.config.penalty = steer_args.radius, steer_args.radius_relative, steer_args.penalty
         steer.config.provenance = {"init_from": steer_args.init_from, "previous": steer.config.provenance}
     else:
-        steer = SteeringVectors.attach(model, steer_args.to_config())
+        steer = SteeringVectors.attach(model, steer_args.to_config(model.config.num_hidden_layers))
     if steer.config.radius_relative and steer.config.site_norms is None:
         if calibration is None:
             raise ValueError("radius_relative needs calibration data to measure the site norms")
@@ -155,8 +176,9 @@ def train_and_save(trainer) -> Path:
     return Path(trainer.args.output_dir)
 
 
-def final_eval(trainer, tokenizer, settings) -> None:
-    """Base vs the saved artifact through the harness (main process), as a user would run it; records in output_dir/eval."""
+def final_eval(trainer, tokenizer, settings, backend=None) -> None:
+    """Base vs the saved artifact through the harness (main process), as a user would run it; records in output_dir/eval.
+    `backend`: the rollout backend training used (default: one made from `settings.backend`)."""
     from brep_rl.evaluate import evaluate, markdown_table
 
     output = Path(trainer.args.output_dir)
@@ -167,7 +189,7 @@ def final_eval(trainer, tokenizer, settings) -> None:
     trainer.steer.detach()  # the harness loads the saved artifact itself
     model = trainer.accelerator.unwrap_model(trainer.model)
     model.eval()
-    summary = evaluate(model, tokenizer, settings, [str(output)], output=output / "eval")
+    summary = evaluate(model, tokenizer, settings, [str(output)], output=output / "eval", backend=backend)
     print(f"\nbase vs steered on {settings.limit} {settings.task} ({settings.split}) problems, "
           + ("greedy:" if settings.temperature == 0 else f"temperature {settings.temperature}:"))
     print(markdown_table(summary))

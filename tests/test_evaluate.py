@@ -7,6 +7,7 @@ from brep_rl import SteeringConfig, SteeringVectors
 from brep_rl.cli import main as cli_main
 from brep_rl.data import Problem
 from brep_rl.evaluate import EvalSettings, evaluate
+from brep_rl.rollout import TransformersBackend
 
 PROBLEMS = [Problem(f"p{i}", f"What is {i} + {i}?", str(2 * i)) for i in range(5)]
 
@@ -56,11 +57,10 @@ def test_eval_is_deterministic_and_resumes_after_a_kill(tiny_llama, tokenizer, t
     # simulate a kill: the last batch (2 problems x 2 samples) is lost, the line before it cut short
     (first / "samples.jsonl").write_text("\n".join(lines[:6]) + "\n" + lines[6][:20])
     calls = []
-    import brep_rl.evaluate as ev
-
-    real_generate = ev.generate
-    monkeypatch.setattr(ev, "generate", lambda *a, **k: calls.append(len(a[2])) or real_generate(*a, **k))
-    evaluate(tiny_llama, tokenizer, settings, [], None, first, problems=PROBLEMS, progress=False)
+    backend = TransformersBackend(tiny_llama, tokenizer)
+    real_generate = backend.generate
+    monkeypatch.setattr(backend, "generate", lambda ids, *a: calls.append(len(ids)) or real_generate(ids, *a))
+    evaluate(tiny_llama, tokenizer, settings, [], None, first, problems=PROBLEMS, progress=False, backend=backend)
     assert calls == [2]  # problems 3 and 4 only: p3 lost a sample, p4 both
     records = [json.loads(line) for line in (first / "samples.jsonl").read_text().splitlines()]  # every line whole again
     assert sorted((r["problem_id"], r["sample"]) for r in records) == [(f"p{i}", s) for i in range(5) for s in range(2)]

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from brep_rl.grpo import SteeringDisabled, main as grpo_main
+from brep_rl.grpo import SteeringDisabled, SteeringGRPOConfig, check_sampling, main as grpo_main
+from brep_rl.rollout import BackendUnavailable
 from reward import guarded, reward_failures
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,3 +178,32 @@ def test_a_launch_that_does_not_fit_the_machine_is_refused(tiny_model_dir, tmp_p
     with pytest.raises(ValueError, match=r"processes on this machine but only \d+ CPU cores"):
         grpo_main(grpo_args(tiny_model_dir, tmp_path / "b"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_grpo_with_llama_cpp_rollouts_on_smollm2(tmp_path):
+    """Rollouts by llama.cpp, the loss by transformers: the vectors reach llama.cpp after every step."""
+    out = tmp_path / "run"
+    args = grpo_args("smollm2-135m", out, "--rollout_backend", "llama.cpp", "--max_completion_length", "12",
+                     "--radius", "1.0", "--learning_rate", "0.02", "--eval_limit", "4", "--eval_max_new_tokens", "8")
+    trainer = grpo_main(args)
+    assert trainer.backend.name == "llama.cpp"
+    logs = [entry for entry in trainer.state.log_history if "rollout/logp_diff_mean" in entry]
+    assert len(logs) == 2 and all(entry["rollout/logp_diff_mean"] < 0.2 for entry in logs)  # sampler ~ trainer
+    saved = load_file(str(out / "steering.safetensors"))
+    rows = [layer - 1 for layer in trainer.steer.config.layers]  # llama.cpp's row r is layer r + 1
+    pushed = torch.from_numpy(trainer.backend.unsteered[rows])
+    assert saved["bias"].abs().max() > 0 and torch.allclose(pushed, saved["bias"])  # the last step's vectors, pushed
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert summary["settings"]["backend"] == "llama.cpp" and summary["models"]["base"]["problems"] == 4
+
+
+def test_llama_cpp_rollouts_refuse_what_they_cannot_do(tiny_model_dir, tmp_path):
+    with pytest.raises(BackendUnavailable, match="needs a GGUF base"):
+        grpo_main(grpo_args(tiny_model_dir, tmp_path / "a", "--rollout_backend", "llama.cpp"))
+    with pytest.raises(ValueError, match="does not implement repetition_penalty=1.2"):
+        check_sampling(SteeringGRPOConfig(output_dir=str(tmp_path / "b"), repetition_penalty=1.2), FakeBackend())
+
+
+class FakeBackend:
+    name = "fake"

@@ -1,0 +1,339 @@
+"""Generation backends: what writes the completions for GRPO and the eval harness.
+
+- `transformers`: `model.generate` through the steering hooks. Any model; exact by construction.
+- `llama.cpp`: the GGUF base with the steering vectors as llama.cpp control vectors, pushed again after every
+  update (a few KB, never the model). On a CPU it generates several times faster than `generate`.
+
+Why a bias on `mlp.down_proj` of layer l is a llama.cpp control vector: that projection adds straight into the
+residual stream, so its bias is a vector added to the layer's output, which is what a control vector is.
+llama.cpp's control-vector buffer starts at layer 1, so layer 0 cannot be steered there.
+
+The prefix window is reproduced exactly: every sequence of a call is decoded in lockstep (one llama.cpp batch per
+step, one sequence id each), so all sit at the same answer position, and the control vector is switched from
+bias + prefix to bias alone once the first `prefix_tokens` answer tokens have been fed, keeping the KV cache.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from brep_rl.model import gguf_path
+from brep_rl.config import SteeringConfig
+from brep_rl.steering import SteeringVectors
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "transformers", "llama.cpp")
+# Architectures whose llama.cpp graph adds the control vector to each layer's output and whose HF layers add
+# mlp.down_proj's output straight into the residual stream (not true of e.g. Gemma, which norms it first).
+LLAMA_CPP_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend asked for cannot serve this model or these vectors."""
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int = 0
+
+
+@dataclass
+class Rollouts:
+    prompt_ids: list[list[int]]  # one per completion
+    completion_ids: list[list[int]]  # prompt-major, n per prompt; ends with the stop token when one was sampled
+    logprobs: list[list[float]] | None  # per sampled token, log softmax(logits / temperature); None if not measured
+    seconds: float
+
+
+class Backend(Protocol):
+    name: str
+
+    def sync(self, steer: SteeringVectors | None) -> None:
+        """Make the next generations use `steer` as it is now (None or disabled: the base)."""
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling) -> Rollouts:
+        """`n` completions of every prompt (token ids, no padding)."""
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = eos if isinstance(eos, (list, tuple)) else [eos]
+    return {i for i in (tokenizer.eos_token_id, *eos) if i is not None}
+
+
+class TransformersBackend:
+    """`model.generate` on a left-padded batch; the steering hooks inside the model see every step."""
+
+    name = "transformers"
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.stop_ids = stop_token_ids(model, tokenizer)
+
+    def sync(self, steer: SteeringVectors | None) -> None:
+        pass  # the hooks read the live parameters and contexts
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling) -> Rollouts:
+        pad = self.tokenizer.pad_token_id
+        width = max(map(len, prompt_ids))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=self.model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=self.model.device)
+        if sampling.temperature > 0:
+            kwargs = dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                          num_return_sequences=n)
+        else:  # greedy copies are identical: decode each prompt once
+            kwargs = dict(do_sample=False)
+        torch.manual_seed(sampling.seed)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens, pad_token_id=pad, **kwargs,
+            )
+        if sampling.temperature <= 0:
+            out = out.repeat_interleave(n, dim=0)
+        seconds = time.perf_counter() - start
+        completions = []
+        for row in out[:, width:].tolist():
+            end = next((i + 1 for i, t in enumerate(row) if t in self.stop_ids), len(row))
+            completions.append(row[:end])
+        return Rollouts([p for p in prompt_ids for _ in range(n)], completions, None, seconds)
+
+
+class LlamaCppBackend:
+    """llama.cpp on the GGUF file of the base; steering as control vectors, sequences decoded together."""
+
+    name = "llama.cpp"
+
+    def __init__(self, gguf: str | Path, stop_ids: set[int], threads: int):
+        try:
+            import llama_cpp
+            from llama_cpp import _logger
+        except ImportError:
+            raise BackendUnavailable("the llama.cpp backend needs llama-cpp-python: pip install -e '.[fast]'") from None
+        _logger.set_verbose(False)
+        self.lib = llama_cpp
+        self.gguf = Path(gguf)
+        self.stop_ids = set(stop_ids)
+        self.threads = threads
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        self.llama_model = llama_cpp.llama_model_load_from_file(str(self.gguf).encode(), params)
+        if not self.llama_model:
+            raise BackendUnavailable(f"{self.gguf}: llama.cpp could not load this GGUF file")
+        self.n_embd = llama_cpp.llama_model_n_embd(self.llama_model)
+        self.n_layer = llama_cpp.llama_model_n_layer(self.llama_model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.llama_model))
+        self.ctx = None
+        self.ctx_shape = (0, 0, 0)  # (sequences, tokens per sequence, tokens per decode) of the current context
+        self.steered: np.ndarray | None = None  # [n_layer - 1, n_embd] control vectors: bias + prefix (window)
+        self.unsteered: np.ndarray | None = None  # bias alone (after the window)
+        self.prefix_tokens = 0
+        self._applied: np.ndarray | None = None
+
+    def close(self) -> None:
+        if self.ctx:
+            self.lib.llama_free(self.ctx)
+            self.ctx = None
+        if self.llama_model:
+            self.lib.llama_model_free(self.llama_model)
+            self.llama_model = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # at interpreter exit the library may already be gone
+            pass
+
+    # ---- steering --------------------------------------------------------------------------------------
+
+    def check(self, config: SteeringConfig) -> None:
+        """Refuse vectors llama.cpp cannot apply exactly (the message says what to do instead)."""
+        if config.model_type not in LLAMA_CPP_ARCHITECTURES:
+            raise BackendUnavailable(f"llama.cpp rollouts support model types {', '.join(LLAMA_CPP_ARCHITECTURES)}; "
+                                     f"this model is {config.model_type!r}: use the transformers backend")
+        if config.site != "mlp.down_proj":
+            raise BackendUnavailable(f"llama.cpp control vectors act on a layer's output, i.e. steering site "
+                                     f"'mlp.down_proj'; these vectors are on {config.site!r}: use the transformers backend")
+        if config.layers is None or 0 in config.layers:
+            raise BackendUnavailable("llama.cpp cannot steer layer 0 (its control vectors start at layer 1): steer "
+                                     f"layers 1..{self.n_layer - 1} or use the transformers backend")
+        if (config.hidden_size, config.num_hidden_layers) != (self.n_embd, self.n_layer):
+            raise BackendUnavailable(f"{self.gguf}: {self.n_layer} layers x {self.n_embd} dims, but the vectors are for "
+                                     f"{config.num_hidden_layers} x {config.hidden_size}: not the same base model")
+
+    def sync(self, steer: SteeringVectors | None) -> None:
+        """Copy the vectors as they are now (scale and disabled() included) into the control-vector buffers."""
+        rows = self.n_layer - 1  # row r is layer r + 1
+        bias = np.zeros((rows, self.n_embd), dtype=np.float32)
+        window = np.zeros((rows, self.n_embd), dtype=np.float32)
+        self.prefix_tokens = 0
+        if steer is not None and steer.enabled:
+            self.check(steer.config)
+            rows_of = [layer - 1 for layer in steer.layer_ids]
+            tensors = steer.state_tensors()
+            if "bias" in tensors:
+                bias[rows_of] = tensors["bias"].numpy() * steer.scale
+            window[:] = bias
+            if "prefix" in tensors:
+                window[rows_of] += tensors["prefix"].numpy() * steer.scale
+                self.prefix_tokens = steer.config.prefix_tokens
+        self.unsteered, self.steered = bias, window
+        self._applied = None
+
+    def _apply(self, vectors: np.ndarray) -> None:
+        if self._applied is vectors:
+            return
+        if not vectors.any():
+            status = self.lib.llama_set_adapter_cvec(self.ctx, None, 0, self.n_embd, -1, -1)
+        else:
+            data = vectors.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            status = self.lib.llama_set_adapter_cvec(self.ctx, data, vectors.size, self.n_embd, 1, self.n_layer - 1)
+        if status != 0:
+            raise RuntimeError(f"llama.cpp refused the control vector (status {status})")
+        self._applied = vectors
+
+    # ---- generation ------------------------------------------------------------------------------------
+
+    def _context(self, sequences: int, tokens: int, batch: int) -> None:
+        """A context with a KV stream of at least `tokens` cells for each of `sequences` sequences, taking `batch`
+        tokens per decode call (grown, never shrunk)."""
+        have_seqs, have_tokens, have_batch = self.ctx_shape
+        if self.ctx and sequences <= have_seqs and tokens <= have_tokens and batch <= have_batch:
+            self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
+            return
+        if self.ctx:
+            self.lib.llama_free(self.ctx)
+        sequences, tokens = max(sequences, have_seqs), max(-(-tokens // 256) * 256, have_tokens)
+        batch = max(512, sequences, batch, have_batch)
+        params = self.lib.llama_context_default_params()
+        params.n_ctx = sequences * tokens
+        params.n_batch = params.n_ubatch = batch
+        params.n_seq_max = sequences
+        params.kv_unified = False  # one KV stream per sequence: a token attends to its own sequence only
+        params.n_threads = params.n_threads_batch = self.threads
+        params.no_perf = True
+        self.ctx = self.lib.llama_init_from_model(self.llama_model, params)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not create a context for {sequences} sequences x {tokens} tokens")
+        self.ctx_shape = (sequences, tokens, batch)
+        self._applied = None
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of (token, position, sequence id, wants logits) entries."""
+        batch = self.lib.llama_batch_init(len(entries), 0, 1)
+        try:
+            for i, (token, pos, seq, logits) in enumerate(entries):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
+                batch.seq_id[i][0], batch.logits[i] = seq, logits
+            batch.n_tokens = len(entries)
+            status = self.lib.llama_decode(self.ctx, batch)
+        finally:
+            self.lib.llama_batch_free(batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status} ({len(entries)} tokens)")
+
+    def _logits(self, index: int) -> np.ndarray:
+        pointer = self.lib.llama_get_logits_ith(self.ctx, index)
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).astype(np.float64)  # a copy: the buffer is reused
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling) -> Rollouts:
+        if self.steered is None:
+            self.sync(None)
+        start = time.perf_counter()
+        sequences = len(prompt_ids) * n
+        longest = max(map(len, prompt_ids))
+        self._context(sequences, longest + sampling.max_new_tokens, longest)
+        rng = np.random.default_rng(sampling.seed)
+        self._apply(self.steered if self.prefix_tokens > 0 else self.unsteered)
+
+        # Prefill each prompt once (prompt positions are inside the window), then share its cache with its group.
+        memory = self.lib.llama_get_memory(self.ctx)
+        next_logits: dict[int, np.ndarray] = {}
+        for p, prompt in enumerate(prompt_ids):
+            first = p * n
+            self._decode([(t, i, first, i == len(prompt) - 1) for i, t in enumerate(prompt)])
+            logits = self._logits(len(prompt) - 1)
+            for s in range(first, first + n):
+                if s != first:
+                    self.lib.llama_memory_seq_cp(memory, first, s, -1, -1)
+                next_logits[s] = logits
+
+        completions: list[list[int]] = [[] for _ in range(sequences)]
+        logprobs: list[list[float]] = [[] for _ in range(sequences)]
+        active = list(range(sequences))
+        for step in range(sampling.max_new_tokens):
+            feed = []
+            for s in active:
+                token, logprob = _sample(next_logits[s], sampling, rng)
+                completions[s].append(token)
+                logprobs[s].append(logprob)
+                if token not in self.stop_ids and step + 1 < sampling.max_new_tokens:
+                    feed.append(s)
+            active = feed
+            if not active:
+                break
+            # the token fed now sits at answer position `step`: still inside the prefix window while step < k
+            self._apply(self.steered if step < self.prefix_tokens else self.unsteered)
+            self._decode([(completions[s][-1], len(prompt_ids[s // n]) + step, s, True) for s in active])
+            next_logits = {s: self._logits(i) for i, s in enumerate(active)}
+        return Rollouts([p for p in prompt_ids for _ in range(n)], completions, logprobs, time.perf_counter() - start)
+
+
+def _sample(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> tuple[int, float]:
+    """(token, its log-prob under softmax(logits / temperature)): greedy at temperature 0, else top-k/top-p sampling."""
+    z = logits if sampling.temperature <= 0 else logits / sampling.temperature
+    z = z - z.max()
+    weights = np.exp(z)
+    log_total = np.log(weights.sum())
+    if sampling.temperature <= 0:
+        token = int(np.argmax(z))
+        return token, float(z[token] - log_total)
+    if sampling.top_k > 0 or sampling.top_p < 1.0:
+        order = np.argsort(-z)
+        keep = len(order) if sampling.top_k <= 0 else min(sampling.top_k, len(order))
+        if sampling.top_p < 1.0:
+            cumulative = np.cumsum(weights[order[:keep]]) / weights.sum()
+            keep = min(keep, int(np.searchsorted(cumulative, sampling.top_p)) + 1)
+        kept = np.zeros_like(weights)
+        kept[order[:keep]] = weights[order[:keep]]
+        weights = kept
+    cumulative = np.cumsum(weights)
+    token = min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")), len(z) - 1)
+    return token, float(z[token] - log_total)
+
+
+def make_backend(choice: str, model, tokenizer, model_name: str, configs: list[SteeringConfig], threads: int) -> Backend:
+    """`auto`: llama.cpp when the base is a GGUF file, llama-cpp-python is installed and it can apply every steering
+    config in `configs` exactly; otherwise transformers (the reason is logged). An explicit `llama.cpp` fails with
+    the reason."""
+    if choice not in BACKENDS:
+        raise ValueError(f"rollout backend: expected one of {', '.join(BACKENDS)}, got {choice!r}")
+    if choice == "transformers":
+        return TransformersBackend(model, tokenizer)
+    try:
+        gguf = gguf_path(model_name)
+        if gguf is None:
+            raise BackendUnavailable(f"llama.cpp needs a GGUF base (the alias 'smollm2-135m' or a .gguf file); got {model_name!r}")
+        backend = LlamaCppBackend(gguf, stop_token_ids(model, tokenizer), threads)
+        for config in configs:
+            backend.check(config)
+    except BackendUnavailable as e:
+        if choice == "llama.cpp":
+            raise
+        logger.warning("generating with transformers: %s", e)
+        return TransformersBackend(model, tokenizer)
+    logger.warning("generating with llama.cpp (%s, %d threads)", gguf.name, threads)
+    return backend

@@ -1,0 +1,239 @@
+"""Generation backends: sampling maths, backend choice, and llama.cpp against transformers on SmolLM2."""
+
+import numpy as np
+import pytest
+import torch
+
+from brep_rl import SteeringConfig, SteeringVectors
+from brep_rl.model import smollm2_gguf
+from brep_rl.rollout import (
+    BackendUnavailable, LlamaCppBackend, Sampling, TransformersBackend, _sample, make_backend, stop_token_ids,
+)
+from brep_rl.training import parse_layers
+from conftest import PROMPTS
+
+MORE_PROMPTS = PROMPTS + [
+    "A train travels 60 km in 1.5 hours. What is its average speed?",
+    "What is 15% of 80?",
+    "Solve for x: 3x + 5 = 20.",
+]
+
+
+# ---- sampling (no model) -------------------------------------------------------------------------------
+
+
+def test_greedy_picks_the_argmax_and_reports_its_log_softmax():
+    logits = np.array([1.0, 3.0, 2.0])
+    token, logprob = _sample(logits, Sampling(4), np.random.default_rng(0))
+    assert token == 1
+    assert logprob == pytest.approx(float(torch.log_softmax(torch.tensor(logits), 0)[1]))
+
+
+def test_sampling_draws_from_the_tempered_softmax():
+    logits = np.array([0.0, 1.0, 2.0, -1.0])
+    sampling = Sampling(4, temperature=0.7)
+    rng = np.random.default_rng(0)
+    draws = [_sample(logits, sampling, rng) for _ in range(20000)]
+    expected = torch.softmax(torch.tensor(logits) / 0.7, 0).numpy()
+    counts = np.bincount([t for t, _ in draws], minlength=4) / len(draws)
+    assert np.abs(counts - expected).max() < 0.015
+    assert all(lp == pytest.approx(np.log(expected[t])) for t, lp in draws[:50])
+
+
+def test_top_k_and_top_p_restrict_the_candidates():
+    logits = np.array([3.0, 2.9, 0.0, -5.0])
+    rng = np.random.default_rng(0)
+    assert {_sample(logits, Sampling(4, temperature=1.0, top_k=2), rng)[0] for _ in range(300)} == {0, 1}
+    # the two best hold ~0.93 of the mass: top_p 0.9 keeps exactly them
+    assert {_sample(logits, Sampling(4, temperature=1.0, top_p=0.9), rng)[0] for _ in range(300)} == {0, 1}
+    assert {_sample(logits, Sampling(4, temperature=1.0, top_p=0.3), rng)[0] for _ in range(100)} == {0}
+
+
+def test_layer_specs():
+    assert parse_layers("1-", 4) == [1, 2, 3]
+    assert parse_layers("all", 4) is None
+    assert parse_layers("0,2-3", 4) == [0, 2, 3]
+    with pytest.raises(ValueError, match="expected 'all' or indices"):
+        parse_layers("first", 4)
+
+
+# ---- choosing a backend -------------------------------------------------------------------------------
+
+
+def test_auto_uses_transformers_for_a_base_that_is_not_gguf(tiny_llama, tokenizer, caplog):
+    backend = make_backend("auto", tiny_llama, tokenizer, "some/hf-folder", [], threads=1)
+    assert isinstance(backend, TransformersBackend)
+    assert "needs a GGUF base" in caplog.text
+    with pytest.raises(BackendUnavailable, match="needs a GGUF base"):
+        make_backend("llama.cpp", tiny_llama, tokenizer, "some/hf-folder", [], threads=1)
+    with pytest.raises(ValueError, match="expected one of auto, transformers, llama.cpp"):
+        make_backend("vllm", tiny_llama, tokenizer, "x", [], threads=1)
+
+
+def test_transformers_backend_returns_what_generate_returns(tiny_llama, tokenizer):
+    backend = TransformersBackend(tiny_llama, tokenizer)
+    ids = [tokenizer(p).input_ids for p in PROMPTS[:2]]
+    out = backend.generate(ids, 2, Sampling(5))
+    assert out.prompt_ids == [ids[0], ids[0], ids[1], ids[1]] and len(out.completion_ids) == 4
+    alone = tiny_llama.generate(torch.tensor([ids[1]]), max_new_tokens=5, do_sample=False)[0, len(ids[1]):].tolist()
+    assert out.completion_ids[2][: len(alone)] == alone[: len(out.completion_ids[2])]
+
+
+# ---- llama.cpp on the real SmolLM2 ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama(smollm2):
+    model, tok = smollm2
+    backend = LlamaCppBackend(smollm2_gguf(), stop_token_ids(model, tok), threads=2)
+    yield backend
+    backend.close()
+
+
+def chat_ids(tok, prompts):
+    return [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
+                                    return_dict=True)["input_ids"] for p in prompts]
+
+
+def random_vectors(model, mode: str, seed: int, prefix_tokens: int = 4, norm: float = 3.0) -> SteeringVectors:
+    config = SteeringConfig(mode=mode, layers=list(range(1, 30)), prefix_tokens=prefix_tokens)
+    steer = SteeringVectors.attach(model, config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # the default norm per layer, 3, is enough to change what the model says
+        for p in steer.vectors().values():
+            p.copy_(torch.randn(p.shape, generator=g) * norm / steer.dim**0.5)
+    return steer
+
+
+def hf_logprobs(model, steer, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """Transformers' log-softmax at every completion token, the prompt and the completion in one forward."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad(), steer.window(len(prompt)):
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+    return torch.log_softmax(logits.double(), -1)
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["bias", "prefix", "bias+prefix"])
+def test_llama_cpp_greedy_agrees_with_transformers(smollm2, llama, mode):
+    model, tok = smollm2
+    steer = random_vectors(model, mode, seed=1)
+    try:
+        ids = chat_ids(tok, MORE_PROMPTS)
+        sampling = Sampling(24)
+        reference = TransformersBackend(model, tok).generate(ids, 1, sampling).completion_ids
+        llama.sync(steer)
+        fast = llama.generate(ids, 1, sampling)
+        with steer.disabled():
+            llama.sync(steer)
+            base = llama.generate(ids, 1, sampling).completion_ids
+        assert sum(f != b for f, b in zip(fast.completion_ids, base)) >= 3, "the vectors barely changed the outputs"
+        flips = 0
+        for prompt, ref, got in zip(ids, reference, fast.completion_ids):
+            at = first_divergence(ref, got)
+            if at is None:
+                assert len(ref) == len(got)
+                continue
+            flips += 1
+            # a flip is allowed only where transformers itself sees a near tie between the two tokens
+            logp = hf_logprobs(model, steer, prompt, got[: at + 1])[at]
+            assert logp[ref[at]] - logp[got[at]] < 0.5, f"{mode}: diverged at token {at} without a near tie"
+        assert flips <= 2, f"{mode}: {flips} of {len(ids)} sequences diverged"
+    finally:
+        steer.detach()
+
+
+@pytest.mark.slow
+def test_llama_cpp_switches_the_prefix_window_at_the_right_token(smollm2, llama):
+    model, tok = smollm2
+    k = 4
+    steer = random_vectors(model, "prefix", seed=2, prefix_tokens=k, norm=15.0)  # strong: one token's worth shows
+    try:
+        prompt = chat_ids(tok, PROMPTS[:1])[0]
+        llama.sync(steer)
+        out = llama.generate([prompt], 1, Sampling(12, temperature=1.0, seed=3))
+        completion, sampled = out.completion_ids[0], torch.tensor(out.logprobs[0], dtype=torch.float64)
+        assert len(completion) > k + 2
+
+        def error(prefix_tokens: int) -> torch.Tensor:
+            steer.config.prefix_tokens = prefix_tokens
+            logp = hf_logprobs(model, steer, prompt, completion)
+            return (logp[torch.arange(len(completion)), completion] - sampled).abs()
+
+        correct, late, early = error(k), error(k + 1), error(k - 1)
+        assert correct.max() < 0.25  # llama.cpp's int8 activations: small noise at every token
+        # a window one token too long (short) first differs at the prediction after the extra (missing) token,
+        # and there llama.cpp's numbers are far from it: the switch happened exactly after k answer tokens
+        assert torch.equal(late[: k + 1], correct[: k + 1]) and torch.equal(early[:k], correct[:k])
+        assert late[k + 1] > 2 * correct[k + 1] + 0.2
+        assert early[k] > 2 * correct[k] + 0.2
+    finally:
+        steer.detach()
+
+
+@pytest.mark.slow
+def test_sampled_groups_share_the_prompt_cache_and_report_the_sampling_logprobs(smollm2, llama):
+    model, tok = smollm2
+    steer = random_vectors(model, "bias", seed=4)
+    try:
+        prompts = chat_ids(tok, PROMPTS[:2])
+        llama.sync(steer)
+        sampling = Sampling(10, temperature=1.0, seed=7)
+        out = llama.generate(prompts, 4, sampling)
+        assert out.prompt_ids == [prompts[0]] * 4 + [prompts[1]] * 4
+        assert len(set(map(tuple, out.completion_ids))) > 4  # the copies of a prompt sample apart
+        assert llama.generate(prompts, 4, sampling).completion_ids == out.completion_ids  # seeded
+        for prompt, completion, logprobs in zip(out.prompt_ids, out.completion_ids, out.logprobs):
+            logp = hf_logprobs(model, steer, prompt, completion)  # temperature 1: the plain log-softmax
+            error = (logp[torch.arange(len(completion)), completion] - torch.tensor(logprobs, dtype=torch.float64)).abs()
+            # llama.cpp's int8 activations (KL ~0.005 per token here) give ~0.1 at T=1; a lost prompt cache costs nats
+            assert error.mean() < 0.15 and error.max() < 0.75
+    finally:
+        steer.detach()
+
+
+@pytest.mark.slow
+def test_vectors_take_effect_only_when_synced(smollm2, llama):
+    model, tok = smollm2
+    steer = SteeringVectors.attach(model, SteeringConfig(layers=list(range(1, 30))))
+    try:
+        ids = chat_ids(tok, PROMPTS)
+        sampling = Sampling(16)
+        llama.sync(steer)
+        zero = llama.generate(ids, 1, sampling).completion_ids
+        with steer.disabled():
+            llama.sync(steer)
+            assert llama.generate(ids, 1, sampling).completion_ids == zero  # zero vectors are the base
+        llama.sync(steer)
+        with torch.no_grad():  # what an optimizer step does: change the parameters in place
+            steer.bias.copy_(torch.randn(steer.bias.shape, generator=torch.Generator().manual_seed(5)) * 3 / steer.dim**0.5)
+        assert llama.generate(ids, 1, sampling).completion_ids == zero  # not pushed yet
+        llama.sync(steer)
+        moved = llama.generate(ids, 1, sampling).completion_ids
+        assert moved != zero
+        reference = TransformersBackend(model, tok).generate(ids, 1, sampling).completion_ids
+        assert sum(first_divergence(a, b) is None for a, b in zip(moved, reference)) >= 2
+    finally:
+        steer.detach()
+
+
+@pytest.mark.slow
+def test_llama_cpp_refuses_what_it_cannot_apply(smollm2, llama):
+    model, tok = smollm2
+    for config, message in [
+        (SteeringConfig(layers=[0, 1]), "cannot steer layer 0"),
+        (SteeringConfig(layers=[1, 2], site="mlp.up_proj"), "steering site 'mlp.down_proj'"),
+    ]:
+        steer = SteeringVectors.attach(model, config)
+        try:
+            with pytest.raises(BackendUnavailable, match=message):
+                llama.sync(steer)
+            with pytest.raises(BackendUnavailable, match=message):
+                make_backend("llama.cpp", model, tok, "smollm2-135m", [steer.config], threads=2)
+            assert isinstance(make_backend("auto", model, tok, "smollm2-135m", [steer.config], threads=2), TransformersBackend)
+        finally:
+            steer.detach()
