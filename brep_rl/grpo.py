@@ -158,12 +158,43 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
             rollouts = self.backend.generate(prompt_ids, 1, sampling)
         return {"prompt_ids": rollouts.prompt_ids, "completion_ids": rollouts.completion_ids, "logprobs": rollouts.logprobs}
 
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
         # prompt (left-padded) + completion: every row's answer starts at the padded prompt width
         with self.steer.window(input_ids.size(1) - logits_to_keep):
-            out = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+            if compute_aux_loss or any(v is not None for v in multimodal.values()):
+                out = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                                 batch_size, compute_entropy, compute_aux_loss, **multimodal)
+            else:
+                out = self._shared_prompt_logps(model, input_ids, attention_mask, logits_to_keep, compute_entropy)
         self._trainer_logps = out[0]
         return out
+
+    def _shared_prompt_logps(self, model, input_ids, attention_mask, logits_to_keep, compute_entropy):
+        """TRL's per-token log-probs, with each distinct prompt run once instead of once per completion.
+
+        A GRPO batch holds every prompt num_generations times, and the prompt is most of each row (here ~85 of ~117
+        tokens), so the loss forward and backward cost a fraction. The prompt minus its last token runs once per
+        distinct prompt (with the steering window, in the graph: the vectors act there too); its KV cache is
+        repeated to every row of the group; the rows then run [last prompt token, completion] on it, through the
+        same fused LM head TRL uses. Equal to the plain forward up to float rounding (tested)."""
+        prompt_width = input_ids.size(1) - logits_to_keep
+        rows = torch.cat([input_ids[:, :prompt_width], attention_mask[:, :prompt_width]], dim=1)
+        distinct, group = torch.unique(rows, dim=0, return_inverse=True)
+        if prompt_width < 2 or len(distinct) == len(rows):
+            return GRPOTrainer._get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                                                  compute_entropy=compute_entropy)
+        prompts, prompt_mask = distinct[:, : prompt_width - 1], distinct[:, prompt_width : 2 * prompt_width - 1]
+        with self.accelerator.autocast():
+            # the unwrapped module: a DDP-wrapped one must see exactly one forward per backward
+            cache = self.accelerator.unwrap_model(model)(input_ids=prompts, attention_mask=prompt_mask, use_cache=True,
+                                                         logits_to_keep=1).past_key_values
+            cache.batch_select_indices(group)
+            tail = input_ids[:, prompt_width - 1 :]
+            labels = tail.masked_fill(attention_mask[:, prompt_width - 1 :] == 0, -100)
+            labels[:, 0] = -100  # the last prompt token is input only
+            out = model(input_ids=tail, attention_mask=attention_mask, past_key_values=cache, labels=labels, fused_lm_head=True)
+        return out.log_probs[:, -logits_to_keep:], out.entropy[:, -logits_to_keep:] if compute_entropy else None, None
 
     def _compute_loss(self, model, inputs):
         self._trainer_logps = None

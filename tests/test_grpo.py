@@ -207,3 +207,39 @@ def test_llama_cpp_rollouts_refuse_what_they_cannot_do(tiny_model_dir, tmp_path)
 
 class FakeBackend:
     name = "fake"
+
+
+def test_the_loss_forward_runs_each_prompt_once_and_equals_the_plain_forward(tiny_model_dir, tmp_path):
+    from trl import GRPOTrainer
+
+    trainer = grpo_main(grpo_args(tiny_model_dir, tmp_path / "run", "--max_steps", "1"))
+    steer = trainer.steer
+    with torch.no_grad():
+        for p in steer.vectors().values():
+            p.copy_(torch.randn(p.shape) * 0.5)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 1000, (n,), generator=g) for n in (7, 4)]  # two prompts, left-padded to 7
+    ids = torch.stack([torch.cat([torch.full((7 - len(p),), 2), p]) for p in prompts for _ in range(3)])
+    mask = torch.stack([torch.cat([torch.zeros(7 - len(p)), torch.ones(len(p))]) for p in prompts for _ in range(3)]).long()
+    completions = torch.randint(3, 1000, (6, 5), generator=g)
+    completion_mask = torch.ones(6, 5, dtype=torch.long)
+    completion_mask[1, 3:] = 0  # a completion that ended early (right padding)
+    ids, mask = torch.cat([ids, completions], 1), torch.cat([mask, completion_mask], 1)
+
+    forwards = []
+    handle = trainer.model.register_forward_pre_hook(lambda m, a, k: forwards.append(k["input_ids"].shape), with_kwargs=True)
+    shared, shared_entropy, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, 5, compute_entropy=True)
+    handle.remove()
+    assert forwards == [torch.Size([2, 6]), torch.Size([6, 6])]  # 2 distinct prompts once, then 6 x (last prompt token + 5)
+    (shared * completion_mask).sum().backward()
+    shared_grads = {n: p.grad.clone() for n, p in steer.vectors().items()}
+    steer.zero_grad()
+    with steer.window(7):
+        plain, plain_entropy, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, ids, mask, 5,
+                                                                                 compute_entropy=True)
+    (plain * completion_mask).sum().backward()
+    valid = completion_mask.bool()
+    assert torch.allclose(shared[valid], plain[valid], atol=1e-5)
+    assert torch.allclose(shared_entropy[valid], plain_entropy[valid], atol=1e-5)
+    for name, p in steer.vectors().items():
+        assert torch.allclose(shared_grads[name], p.grad, atol=1e-5), name
