@@ -40,37 +40,80 @@ def smollm2_gguf() -> Path:
     return ggufs[0]
 
 
-def gguf_to_hf_folder(gguf: Path) -> Path:
-    """Convert a GGUF file once into a cached HF folder (dequantised, fp32) and return that folder.
-
-    Dequantising takes ~40 s for SmolLM2-135M; reloading the folder takes under a second. A file lock
-    serialises concurrent processes (e.g. the ranks of a DDP job) and the folder appears by an atomic
-    rename, so a reader never sees a half-written model.
-    """
-    gguf = gguf.resolve()
-    stat = gguf.stat()
-    target = cache_dir() / "hf" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
-    if (target / "config.json").is_file():
+def _build_once(target: Path, build) -> Path:
+    """`target` (a file or folder in the cache), made by `build(tmp_dir)` into a temporary folder and renamed into
+    place: a file lock serialises concurrent processes (e.g. the ranks of a DDP job) and a reader never sees a
+    half-written result."""
+    if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if (target / "config.json").is_file():  # another process finished it while we waited
+        if target.exists():  # another process finished it while we waited
             return target
-        logger.info("converting %s to an HF folder at %s (once)", gguf, target)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        try:
+            os.replace(build(tmp), target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _cache_name(gguf: Path) -> str:
+    stat = gguf.stat()
+    return f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+
+
+def gguf_to_hf_folder(gguf: Path) -> Path:
+    """Convert a GGUF file once into a cached HF folder (dequantised, fp32) and return that folder.
+
+    Dequantising takes ~40 s for SmolLM2-135M; reloading the folder takes under a second.
+    """
+    gguf = gguf.resolve()
+
+    def build(tmp: Path) -> Path:
+        logger.info("converting %s to an HF folder (once)", gguf)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The weights are already dequantised; drop the GGUF quantizer so save/load treat them as plain fp32.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-        try:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        return tmp
+
+    return _build_once(cache_dir() / "hf" / _cache_name(gguf), build)
+
+
+def gguf_as_f32(gguf: Path) -> Path:
+    """A cached copy of a GGUF file with every tensor dequantised to fp32: the very weights transformers runs (see
+    gguf_to_hf_folder), so llama.cpp computes what transformers computes, without int8 activations."""
+    import gguf as gguf_py
+    import numpy as np
+
+    gguf = gguf.resolve()
+
+    def build(tmp: Path) -> Path:
+        logger.info("writing an fp32 copy of %s for llama.cpp (once)", gguf)
+        reader = gguf_py.GGUFReader(str(gguf))
+        out = tmp / "model.gguf"
+        writer = gguf_py.GGUFWriter(str(out), reader.fields["general.architecture"].contents())
+        for name, field in reader.fields.items():
+            if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
+                continue  # written by the writer itself / no longer true
+            kind = field.types[0]
+            sub_type = field.types[-1] if kind == gguf_py.GGUFValueType.ARRAY else None
+            writer.add_key_value(name, field.contents(), kind, sub_type=sub_type)
+        writer.add_file_type(gguf_py.LlamaFileType.ALL_F32)
+        for tensor in reader.tensors:
+            writer.add_tensor(tensor.name, gguf_py.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return out
+
+    return _build_once(cache_dir() / "gguf" / f"{_cache_name(gguf)}-f32.gguf", build)
 
 
 def resolve_model_path(name: str) -> tuple[str, str | None]:

@@ -189,7 +189,7 @@ def test_grpo_with_llama_cpp_rollouts_on_smollm2(tmp_path):
     trainer = grpo_main(args)
     assert trainer.backend.name == "llama.cpp"
     logs = [entry for entry in trainer.state.log_history if "rollout/logp_diff_mean" in entry]
-    assert len(logs) == 2 and all(entry["rollout/logp_diff_mean"] < 0.2 for entry in logs)  # sampler ~ trainer
+    assert len(logs) == 2 and all(entry["rollout/logp_diff_mean"] < 0.01 for entry in logs)  # sampler = trainer
     saved = load_file(str(out / "steering.safetensors"))
     rows = [layer - 1 for layer in trainer.steer.config.layers]  # llama.cpp's row r is layer r + 1
     pushed = torch.from_numpy(trainer.backend.unsteered[rows])

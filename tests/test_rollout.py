@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from brep_rl import SteeringConfig, SteeringVectors
-from brep_rl.model import smollm2_gguf
+from brep_rl.model import gguf_as_f32, smollm2_gguf
 from brep_rl.rollout import (
     BackendUnavailable, LlamaCppBackend, Sampling, TransformersBackend, _sample, make_backend, stop_token_ids,
 )
@@ -85,7 +85,7 @@ def test_transformers_backend_returns_what_generate_returns(tiny_llama, tokenize
 @pytest.fixture(scope="module")
 def llama(smollm2):
     model, tok = smollm2
-    backend = LlamaCppBackend(smollm2_gguf(), stop_token_ids(model, tok), threads=2)
+    backend = LlamaCppBackend(gguf_as_f32(smollm2_gguf()), stop_token_ids(model, tok), threads=2)
     yield backend
     backend.close()
 
@@ -141,8 +141,8 @@ def test_llama_cpp_greedy_agrees_with_transformers(smollm2, llama, mode):
             flips += 1
             # a flip is allowed only where transformers itself sees a near tie between the two tokens
             logp = hf_logprobs(model, steer, prompt, got[: at + 1])[at]
-            assert logp[ref[at]] - logp[got[at]] < 0.5, f"{mode}: diverged at token {at} without a near tie"
-        assert flips <= 2, f"{mode}: {flips} of {len(ids)} sequences diverged"
+            assert logp[ref[at]] - logp[got[at]] < 0.1, f"{mode}: diverged at token {at} without a near tie"
+        assert flips <= 1, f"{mode}: {flips} of {len(ids)} sequences diverged"
     finally:
         steer.detach()
 
@@ -165,12 +165,11 @@ def test_llama_cpp_switches_the_prefix_window_at_the_right_token(smollm2, llama)
             return (logp[torch.arange(len(completion)), completion] - sampled).abs()
 
         correct, late, early = error(k), error(k + 1), error(k - 1)
-        assert correct.max() < 0.25  # llama.cpp's int8 activations: small noise at every token
+        assert correct.max() < 0.05  # float rounding at every token, both sides of the switch
         # a window one token too long (short) first differs at the prediction after the extra (missing) token,
         # and there llama.cpp's numbers are far from it: the switch happened exactly after k answer tokens
         assert torch.equal(late[: k + 1], correct[: k + 1]) and torch.equal(early[:k], correct[:k])
-        assert late[k + 1] > 2 * correct[k + 1] + 0.2
-        assert early[k] > 2 * correct[k] + 0.2
+        assert late[k + 1] > 0.2 and early[k] > 0.2
     finally:
         steer.detach()
 
@@ -190,8 +189,7 @@ def test_sampled_groups_share_the_prompt_cache_and_report_the_sampling_logprobs(
         for prompt, completion, logprobs in zip(out.prompt_ids, out.completion_ids, out.logprobs):
             logp = hf_logprobs(model, steer, prompt, completion)  # temperature 1: the plain log-softmax
             error = (logp[torch.arange(len(completion)), completion] - torch.tensor(logprobs, dtype=torch.float64)).abs()
-            # llama.cpp's int8 activations (KL ~0.005 per token here) give ~0.1 at T=1; a lost prompt cache costs nats
-            assert error.mean() < 0.15 and error.max() < 0.75
+            assert error.mean() < 0.01 and error.max() < 0.05  # float rounding; a lost prompt cache costs nats
     finally:
         steer.detach()
 
