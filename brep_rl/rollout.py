@@ -19,6 +19,7 @@ bias + prefix to bias alone once the first `prefix_tokens` answer tokens have be
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import logging
 import time
 from dataclasses import dataclass
@@ -327,6 +328,8 @@ def make_backend(choice: str, model, tokenizer, model_name: str, configs: list[S
     if choice == "transformers":
         return TransformersBackend(model, tokenizer)
     try:
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise BackendUnavailable("the llama.cpp backend needs llama-cpp-python: pip install -e '.[fast]'")
         gguf = gguf_path(model_name)
         if gguf is None:
             raise BackendUnavailable(f"llama.cpp needs a GGUF base (the alias 'smollm2-135m' or a .gguf file); got {model_name!r}")

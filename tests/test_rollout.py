@@ -1,5 +1,7 @@
 """Generation backends: sampling maths, backend choice, and llama.cpp against transformers on SmolLM2."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -68,6 +70,14 @@ def test_auto_uses_transformers_for_a_base_that_is_not_gguf(tiny_llama, tokenize
         make_backend("llama.cpp", tiny_llama, tokenizer, "some/hf-folder", [], threads=1)
     with pytest.raises(ValueError, match="expected one of auto, transformers, llama.cpp"):
         make_backend("vllm", tiny_llama, tokenizer, "x", [], threads=1)
+
+
+def test_auto_without_llama_cpp_installed_uses_transformers(tiny_llama, tokenizer, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
+    assert isinstance(make_backend("auto", tiny_llama, tokenizer, "smollm2-135m", [], threads=1), TransformersBackend)
+    assert "pip install -e '.[fast]'" in caplog.text
+    with pytest.raises(BackendUnavailable, match="needs llama-cpp-python"):
+        make_backend("llama.cpp", tiny_llama, tokenizer, "smollm2-135m", [], threads=1)
 
 
 def test_transformers_backend_returns_what_generate_returns(tiny_llama, tokenizer):
