@@ -6,7 +6,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export DS_ACCELERATOR := cpu
 
-.PHONY: setup test test-fast demo
+.PHONY: setup test test-fast demo bench
 
 setup:
 	@bash scripts/setup.sh
@@ -21,3 +21,8 @@ test-fast: setup
 # The main job: GRPO of bias vectors on SmolLM2-135M (offline), then base vs steered on held-out problems.
 demo: setup
 	@.venv/bin/accelerate launch --config_file configs/accelerate/single.yaml scripts/grpo.py --output_dir runs/demo $(ARGS)
+
+# Every benchmark, one after another (run nothing else meanwhile): JSON + markdown tables in benchmarks/results/.
+bench: setup
+	@cd benchmarks && for b in generation_overhead verifier_throughput rollout_backends grpo_cost multi_process; do \
+		echo "== $$b"; ../$(PY) $$b.py || exit 1; done

@@ -2,7 +2,7 @@
 
 Each process keeps the demo's per-device batch (2 prompts x 8 completions), so 2 processes generate twice as many
 completions per step; the cores are shared (threads per process = cores / processes). Steps after the first,
-median of TRL's logged step_time. Run alone:  python benchmarks/multiprocess.py
+median of TRL's logged step_time. Run alone:  python benchmarks/multi_process.py
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main() -> None:
         rows.append({"processes": processes, "step s": step, "completions/s": per_step * processes / step})
     rows.append({"processes": "2 ÷ 1", "step s": rows[1]["step s"] / rows[0]["step s"],
                  "completions/s": rows[1]["completions/s"] / rows[0]["completions/s"]})
-    write("multiprocess", "GRPO with 2 processes vs 1 (DDP over gloo, SmolLM2-135M, 2 CPU cores)", rows,
+    write("multi_process", "GRPO with 2 processes vs 1 (DDP over gloo, SmolLM2-135M, 2 CPU cores)", rows,
           notes=f"Demo settings per process, {args.steps} steps, first left out, median step_time; rollout backend "
                 f"{args.backend}; threads per process = {os.cpu_count()} cores / processes.", steps=args.steps)
 
