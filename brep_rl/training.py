@@ -173,7 +173,10 @@ def train_and_save(trainer) -> Path:
             logger.warning("resume_from_checkpoint=last: no checkpoint in %s, starting fresh", trainer.args.output_dir)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
-    return Path(trainer.args.output_dir)
+    output = Path(trainer.args.output_dir)
+    if trainer.is_world_process_zero():  # the whole log history beside the artifact, for scripts/plot_run.py
+        trainer.state.save_to_json(str(output / "trainer_state.json"))
+    return output
 
 
 def final_eval(trainer, tokenizer, settings, backend=None) -> None:

@@ -43,6 +43,14 @@ def test_grpo_trains_only_the_vectors_within_the_radius(tiny_model_dir, tmp_path
     checkpoint = tmp_path / "run" / "checkpoint-2"
     assert not [p for p in checkpoint.iterdir() if p.name.startswith("model")]  # vectors and optimizer state only
     assert sum(p.stat().st_size for p in checkpoint.iterdir()) < 1_000_000
+    history = json.loads((tmp_path / "run" / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "reward" in h] == [1, 2]
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from plot_run import main as plot_main
+
+    assert plot_main([str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert plot_main([str(tmp_path / "nothing")]) == 2
 
 
 def test_kl_reference_is_the_same_model_with_steering_disabled(tiny_model_dir, tmp_path):
