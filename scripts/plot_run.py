@@ -1,7 +1,9 @@
 """Training curves of a run folder as a PNG: reward, accuracy, sampler/trainer gap or KL, and per-layer norms.
 
     python scripts/plot_run.py runs/demo            # writes runs/demo/curves.png
-Reads trainer_state.json (the log history, written at the end of training) and norms.jsonl (per-layer norms).
+    python scripts/plot_run.py runs/demo/checkpoint-8
+Reads trainer_state.json (the log history: written at the end of training, and in every checkpoint) and
+norms.jsonl (per-layer norms, in the run folder).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ def plot_run(run: Path) -> Path:
     if not state_file.is_file():
         raise FileNotFoundError(f"{state_file}: no log history (written when training finishes)")
     history = json.loads(state_file.read_text())["log_history"]
-    norms = [json.loads(line) for line in (run / "norms.jsonl").read_text().splitlines()] if (run / "norms.jsonl").is_file() else []
+    norms_file = next((f for f in (run / "norms.jsonl", run.parent / "norms.jsonl") if f.is_file()), None)
+    last_step = max((h["step"] for h in history), default=0)  # a checkpoint: its run's norms up to its step
+    norms = [n for n in map(json.loads, norms_file.read_text().splitlines()) if n["step"] <= last_step] if norms_file else []
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     ax = axes[0, 0]
     for key, label in (("reward", "reward"), ("rewards/accuracy_reward/mean", "accuracy reward"), ("loss", "loss")):
@@ -68,7 +72,7 @@ def plot_run(run: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", type=Path, help="a training output folder")
+    parser.add_argument("run", type=Path, help="a training output folder or one of its checkpoints")
     args = parser.parse_args(argv)
     try:
         print(plot_run(args.run))
