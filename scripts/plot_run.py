@@ -33,27 +33,19 @@ def plot_run(run: Path) -> Path:
     last_step = max((h["step"] for h in history), default=0)  # a checkpoint: its run's norms up to its step
     norms = [n for n in map(json.loads, norms_file.read_text().splitlines()) if n["step"] <= last_step] if norms_file else []
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    ax = axes[0, 0]
-    for key, label in (("reward", "reward"), ("rewards/accuracy_reward/mean", "accuracy reward"), ("loss", "loss")):
-        steps, values = series(history, key)
-        if steps:
-            ax.plot(steps, values, label=label, marker=".")
-    ax.set_title("reward / loss per step")
-    ax.legend()
-    ax = axes[0, 1]
-    for key in ("frac_reward_zero_std", "completions/clipped_ratio"):
-        steps, values = series(history, key)
-        if steps:
-            ax.plot(steps, values, label=key, marker=".")
-    ax.set_title("groups without signal, truncated completions")
-    ax.legend()
-    ax = axes[1, 0]
-    for key in ("kl", "rollout/logp_diff_mean", "rollout/kl_sampler_trainer", "entropy"):
-        steps, values = series(history, key)
-        if steps:
-            ax.plot(steps, values, label=key, marker=".")
-    ax.set_title("KL to base, sampler vs trainer, entropy")
-    ax.legend()
+    panels = [
+        (axes[0, 0], "reward / loss per step", ("reward", "rewards/accuracy_reward/mean", "loss")),
+        (axes[0, 1], "groups without signal, truncated completions", ("frac_reward_zero_std", "completions/clipped_ratio")),
+        (axes[1, 0], "KL to base, sampler vs trainer, entropy",
+         ("kl", "rollout/logp_diff_mean", "rollout/kl_sampler_trainer", "entropy")),
+    ]
+    for ax, title, keys in panels:
+        for key in keys:
+            steps, values = series(history, key)
+            if steps:
+                ax.plot(steps, values, label=key, marker=".")
+        ax.set_title(title)
+        ax.legend()
     ax = axes[1, 1]
     if norms:
         name = "bias" if "bias" in norms[0] else next(k for k in norms[0] if k != "step")
