@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from brep_rl.config import CONFIG_NAME
 from brep_rl.data import DEFAULT_INSTRUCTION, Problem, chat_prompt, load_task
 from brep_rl.metrics import accuracy_interval, majority_vote, paired_difference, pass_at_k
-from brep_rl.rollout import Backend, Rollouts, Sampling, make_backend
+from brep_rl.rollout import Backend, Rollouts, Sampling, hash_seed, make_backend
 from brep_rl.steering import WEIGHTS_NAME, SteeringVectors, read_artifact
 from reward import default_verifier, extract_answer, has_final_answer_format
 
@@ -68,10 +68,6 @@ class Variant:
     label: str
     artifact: str | None = None
     scale: float = 1.0
-
-
-def _batch_seed(seed: int, label: str, first_id: str) -> int:
-    return int(hashlib.sha256(f"{seed}|{label}|{first_id}".encode()).hexdigest()[:8], 16)
 
 
 class RecordStore:
@@ -194,7 +190,7 @@ def evaluate(
                 batch = todo[i : i + per_batch]
                 bar.set_postfix_str(f"{variant.label} ({backend.name})")
                 sampling = Sampling(settings.max_new_tokens, settings.temperature, settings.top_p,
-                                    seed=_batch_seed(settings.seed, variant.label, batch[0].id))
+                                    seed=hash_seed(settings.seed, variant.label, batch[0].id))
                 ids = [tokenizer(prompts[p.id], add_special_tokens=False).input_ids for p in batch]
                 rollouts = backend.generate(ids, k, sampling)
                 store.add(score(variant, batch, prompts, rollouts, tokenizer, settings))

@@ -12,7 +12,6 @@ What differs from plain TRL:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import logging
 import os
@@ -26,7 +25,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from brep_rl.data import DataError, TaskArguments, json_mapping, prompt_batch
 from brep_rl.evaluate import EvalSettings
-from brep_rl.rollout import Backend, Sampling, TransformersBackend, make_backend
+from brep_rl.rollout import Backend, Sampling, TransformersBackend, hash_seed, make_backend
 from brep_rl.steering import SteeringVectors
 from brep_rl.training import (
     ModelArguments, RestraintCallback, SteeringArguments, SteeringTrainerMixin, final_eval, fit_to_machine,
@@ -235,10 +234,6 @@ def check_sampling(args: SteeringGRPOConfig, backend: Backend) -> None:
     if wrong:
         raise ValueError(f"the {backend.name} rollout backend does not implement {', '.join(wrong)}: "
                          "unset it or use --rollout_backend transformers")
-
-
-def hash_seed(*parts: int) -> int:
-    return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8], 16)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ bias + prefix to bias alone once the first `prefix_tokens` answer tokens have be
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib.util
 import logging
 import time
@@ -70,6 +71,11 @@ class Backend(Protocol):
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling) -> Rollouts:
         """`n` completions of every prompt (token ids, no padding)."""
+
+
+def hash_seed(*parts: object) -> int:
+    """A sampling seed fixed by what it is for (run seed, step, rank, ...), not by call order."""
+    return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8], 16)
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:
