@@ -38,6 +38,7 @@ def inspect_artifact(directory: str, as_json: bool = False) -> str:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     from brep_rl.evaluate import EvalSettings
+    from brep_rl.rollout import BACKENDS
 
     d = EvalSettings()
     parser.add_argument("--model", default="smollm2-135m", help="alias, .gguf file, HF folder or hub id (default: %(default)s)")
@@ -61,7 +62,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rg-config", type=json.loads, default=None, help="reasoning-gym dataset config as JSON")
     parser.add_argument("--skip-invalid", action="store_true", help="skip (and count) invalid JSONL rows instead of stopping")
     parser.add_argument("--output", default=None, help="folder for samples.jsonl + summary.json/.md; re-running resumes")
-    parser.add_argument("--backend", default=d.backend, choices=["auto", "transformers", "llama.cpp"],
+    parser.add_argument("--backend", default=d.backend, choices=BACKENDS,
                         help="what generates: auto picks llama.cpp for a GGUF base when llama-cpp-python is installed "
                              "and can apply the artifacts (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")

@@ -174,6 +174,7 @@ def evaluate(
         configs = [read_artifact(a)[0] for a in artifacts]
         backend = make_backend(settings.backend, model, tokenizer, model.name_or_path, configs, torch.get_num_threads())
     prompts = {p.id: chat_prompt(tokenizer, p.question, settings.instruction, settings.system_prompt) for p in problems}
+    prompt_ids = {pid: tokenizer(text, add_special_tokens=False).input_ids for pid, text in prompts.items()}
     k = settings.samples
     per_batch = max(1, settings.batch_size // k)
     variants = []
@@ -191,8 +192,7 @@ def evaluate(
                 bar.set_postfix_str(f"{variant.label} ({backend.name})")
                 sampling = Sampling(settings.max_new_tokens, settings.temperature, settings.top_p,
                                     seed=hash_seed(settings.seed, variant.label, batch[0].id))
-                ids = [tokenizer(prompts[p.id], add_special_tokens=False).input_ids for p in batch]
-                rollouts = backend.generate(ids, k, sampling)
+                rollouts = backend.generate([prompt_ids[p.id] for p in batch], k, sampling)
                 store.add(score(variant, batch, prompts, rollouts, tokenizer, settings))
                 bar.update(len(batch) * k)
     bar.close()
