@@ -163,6 +163,17 @@ def in_split(question: str, split: str, test_fraction: float = 0.2) -> bool:
     return (bucket < test_fraction) == (split == "test")
 
 
+def rg_solution(meta: dict[str, Any], answer: str) -> str | None:
+    """A worked solution for SFT where a reasoning-gym entry has one: its chain of thought (e.g. gsm_symbolic), or
+    for arithmetic datasets (chain_sum, basic_arithmetic) the expression worked out: "15 - 43 = -28\n#### -28"."""
+    cot = meta.pop("answer_cot", None)
+    if cot:
+        return f"{cot.strip()}\n#### {answer}"
+    if isinstance(meta.get("expression"), str):
+        return f"{meta['expression']} = {answer}\n#### {answer}"
+    return None
+
+
 def load_reasoning_gym(name: str, split: str, size: int, seed: int = 0, config: dict[str, Any] | None = None) -> list[Problem]:
     """`size` distinct problems of a reasoning-gym dataset in the given split (train/test disjoint by question)."""
     import reasoning_gym
@@ -181,8 +192,7 @@ def load_reasoning_gym(name: str, split: str, size: int, seed: int = 0, config: 
         seen.add(question)
         meta = {k: v for k, v in entry.get("metadata", {}).items() if isinstance(v, (str, int, float, bool))}
         answer = str(entry["answer"])
-        cot = meta.pop("answer_cot", None)  # a worked solution, in the datasets that have one (e.g. gsm_symbolic)
-        solution = f"{cot.strip()}\n#### {answer}" if cot else None
+        solution = rg_solution(meta, answer)
         problems.append(Problem(f"rg-{name}-{split}-{seed}-{index}", question, answer, solution, meta))
         if len(problems) == size:
             break

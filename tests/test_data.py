@@ -75,4 +75,6 @@ def test_reasoning_gym_worked_solutions_become_sft_solutions():
     [p] = load_task("rg:gsm_symbolic", "train", limit=1)
     assert p.solution and p.solution.endswith(f"#### {p.answer}") and "answer_cot" not in p.meta
     [q] = load_task("rg:chain_sum", "train", limit=1)
-    assert q.solution is None  # no worked solution in this dataset: SFT drops it and says so
+    assert q.solution == f"{q.meta['expression']} = {q.answer}\n#### {q.answer}"  # arithmetic: the expression worked out
+    [r] = load_task("rg:letter_counting", "train", limit=1)
+    assert r.solution is None  # no worked solution in this dataset: SFT drops it and says so
