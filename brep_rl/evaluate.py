@@ -244,7 +244,7 @@ def summarize(store: RecordStore, problems: list[Problem], variants: list[Varian
             "tokens_per_s": tokens / seconds if seconds > 0 else math.nan,
         }
     paired = {label: paired_difference(per_problem[BASE], scores, k) for label, scores in per_problem.items() if label != BASE}
-    return {"settings": dataclasses.asdict(settings), "models": results, "paired_vs_base": paired}
+    return {"settings": dataclasses.asdict(settings), "problem_ids": [p.id for p in problems], "models": results, "paired_vs_base": paired}
 
 
 def markdown_table(summary: dict[str, Any]) -> str:

@@ -1,0 +1,63 @@
+"""GRPO of a PEFT LoRA with the data, rewards and settings of a steering run: the reference users would pick instead.
+
+Plain TRL (`GRPOTrainer(peft_config=...)`, TRL's own generation), so the comparison is against what users know.
+Run: python -m brep_rl.lora --config configs/evidence/grpo.yaml --output_dir runs/lora (the adapter lands there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel
+from trl import GRPOTrainer
+
+from brep_rl.grpo import GRPODataArguments, SteeringGRPOConfig, prompt_dataset, reward_functions
+from brep_rl.model import load_base
+from brep_rl.training import ModelArguments, quiet_dependency_warnings, train_and_save
+from reward import guarded
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = 32
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "PEFT target_modules"})
+
+
+def run_lora_grpo(model_args: ModelArguments, lora_args: LoraArguments, data_args: GRPODataArguments, train_args: SteeringGRPOConfig) -> Path:
+    """Train the adapter, save it to output_dir; returns output_dir."""
+    torch.set_num_threads(model_args.threads or torch.get_num_threads())
+    model, tokenizer = load_base(model_args.model, dtype=model_args.dtype)
+    model.train()
+    problems = data_args.load_problems(train_args.seed)
+    funcs, train_args.reward_weights = reward_functions(data_args)
+    peft_config = LoraConfig(r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, target_modules=lora_args.lora_target_modules,
+                             task_type="CAUSAL_LM")
+    trainer = GRPOTrainer(
+        model=model, args=train_args, processing_class=tokenizer, peft_config=peft_config,
+        reward_funcs=[guarded(f) for f in funcs], train_dataset=prompt_dataset(problems, data_args.instruction, data_args.system_prompt),
+    )
+    return train_and_save(trainer)
+
+
+def load_merged(model_name: str, adapter: str | Path, dtype: str = "float32"):
+    """The base with a saved adapter merged in, for the eval harness: (model, tokenizer)."""
+    model, tokenizer = load_base(model_name, dtype=dtype)
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval(), tokenizer
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from trl import TrlParser
+
+    quiet_dependency_warnings()
+    parser = TrlParser((ModelArguments, LoraArguments, GRPODataArguments, SteeringGRPOConfig))
+    model_args, lora_args, data_args, train_args = parser.parse_args_and_config(argv)
+    if train_args.rollout_backend not in ("auto", "transformers"):
+        raise ValueError(f"LoRA rollouts run through TRL's own generation; got rollout_backend={train_args.rollout_backend!r}")
+    return run_lora_grpo(model_args, lora_args, data_args, train_args)
+
+
+if __name__ == "__main__":
+    main()
