@@ -4,6 +4,7 @@ the picks on the held-out test split and on a transfer task, paired against the 
 Each training stage runs as its own process, the very command a user would run (scripts/sft.py, scripts/grpo.py,
 python -m brep_rl.lora), so memory does not pile up and any stage can be rerun alone. A re-run resumes: finished
 stages are skipped, interrupted ones continue from their last checkpoint, evaluated samples are kept.
+Writes output_dir/results.json, results.md, evidence.png and each variant's curves.png.
 Run: python scripts/evidence.py --config configs/evidence/smollm2_chain_sum.yaml
 """
 
@@ -28,6 +29,7 @@ from brep_rl.config import CONFIG_NAME
 from brep_rl.evaluate import BASE, EvalSettings, evaluate
 from brep_rl.metrics import accuracy_interval, paired_difference
 from brep_rl.model import load_base
+from brep_rl.plots import plot_matrix, plot_run
 from brep_rl.rollout import TransformersBackend
 from brep_rl.steering import WEIGHTS_NAME
 
@@ -246,6 +248,9 @@ def run_plan(plan: Plan) -> dict[str, Any]:
         }}
     write_json(plan.output_dir / "results.json", results)
     (plan.output_dir / "results.md").write_text(markdown(results))
+    plot_matrix(results, plan.output_dir)
+    for variant in plan.variants:
+        plot_run(plan.output_dir / variant.name)
     return results
 
 

@@ -61,6 +61,7 @@ def test_matrix_trains_picks_on_validation_and_reports(tmp_path, tiny_model_dir,
     assert set(results["strength_sweep"]["validation"]) == {"2"}
     table = (runs / "results.md").read_text()
     assert all(f"| {name} |" in table for name in ("base", "sft", "sft+grpo", "lora")) and "Strength sweep" in table
+    assert (runs / "evidence.png").stat().st_size > 10_000 and all((runs / name / "curves.png").is_file() for name in results["variants"])
 
     # a re-run trains nothing and reproduces the numbers from the stored records
     def no_training(*args, **kwargs):

@@ -1,0 +1,89 @@
+"""Plots: a run's training curves (reward, sampler/trainer gap or KL, per-layer norms) and the evidence matrix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(h["step"], h[key]) for h in history if key in h]
+    return [s for s, _ in points], [float(v) for _, v in points]
+
+
+def plot_run(run: Path) -> Path:
+    state_file = run / "trainer_state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{state_file}: no log history (written when training finishes)")
+    history = json.loads(state_file.read_text())["log_history"]
+    norms_file = next((f for f in (run / "norms.jsonl", run.parent / "norms.jsonl") if f.is_file()), None)
+    last_step = max((h["step"] for h in history), default=0)  # a checkpoint: its run's norms up to its step
+    norms = [n for n in map(json.loads, norms_file.read_text().splitlines()) if n["step"] <= last_step] if norms_file else []
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    panels = [
+        (axes[0, 0], "reward / loss per step", ("reward", "rewards/accuracy_reward/mean", "loss")),
+        (axes[0, 1], "groups without signal, truncated completions", ("frac_reward_zero_std", "completions/clipped_ratio")),
+        (axes[1, 0], "KL to base, sampler vs trainer, entropy",
+         ("kl", "rollout/logp_diff_mean", "rollout/kl_sampler_trainer", "entropy")),
+    ]
+    for ax, title, keys in panels:
+        for key in keys:
+            steps, values = series(history, key)
+            if steps:
+                ax.plot(steps, values, label=key, marker=".")
+        ax.set_title(title)
+        ax.legend()
+    ax = axes[1, 1]
+    if norms:
+        name = "bias" if "bias" in norms[0] else next(k for k in norms[0] if k != "step")
+        image = ax.imshow([[n[name][layer] for n in norms] for layer in range(len(norms[0][name]))], aspect="auto",
+                          origin="lower", extent=(norms[0]["step"] - 0.5, norms[-1]["step"] + 0.5, -0.5, len(norms[0][name]) - 0.5))
+        fig.colorbar(image, ax=ax)
+        ax.set_xlabel("step")
+        ax.set_ylabel("steered layer (row)")
+        ax.set_title(f"{name} norm per layer")
+    fig.suptitle(str(run))
+    fig.tight_layout()
+    out = run / "curves.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_matrix(results: dict[str, Any], output_dir: Path) -> Path:
+    """The evidence matrix at a glance: held-out and transfer accuracy of every variant (95% intervals) against the
+    base, and the training curves of every variant (reward per GRPO step, loss per SFT step)."""
+    names = ["base", *results["variants"]]
+    rows = [results["base"], *results["variants"].values()]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    for ax, eval_set in zip(axes[:2], ("test", "transfer")):
+        settings = results["evals"][eval_set]
+        values = [100 * r[eval_set]["accuracy"] for r in rows]
+        errors = [[v - 100 * r[eval_set]["low"] for v, r in zip(values, rows)], [100 * r[eval_set]["high"] - v for v, r in zip(values, rows)]]
+        ax.bar(names, values, yerr=errors, capsize=3, color=["grey"] + ["C0"] * (len(names) - 1))
+        ax.axhline(values[0], color="grey", linestyle="--", linewidth=1)
+        ax.set_title(f"{settings['task']} {settings['split']} (n={rows[0][eval_set]['n']}), greedy")
+        ax.set_ylabel("accuracy %")
+        ax.tick_params(axis="x", rotation=30)
+    ax = axes[2]
+    for name in results["variants"]:
+        state = output_dir / name / "trainer_state.json"
+        if state.is_file():
+            history = json.loads(state.read_text())["log_history"]
+            key = "reward" if any("reward" in h for h in history) else "loss"
+            steps, values = series(history, key)
+            ax.plot(steps, values, marker=".", label=f"{name} ({key})")
+    ax.set_title("training: sampled reward (GRPO) or loss (SFT) per step")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = output_dir / "evidence.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
