@@ -228,10 +228,10 @@ def run_plan(plan: Plan) -> dict[str, Any]:
             "trainer": variant.trainer, "config": str(variant.config.relative_to(ROOT)) if variant.config.is_relative_to(ROOT) else str(variant.config),
             "args": variant.args, "after": variant.after, "train_seconds": seconds, "validation": by_label, "picked": best,
         }
-        results["base"]["validation"] = score(validation[BASE], validation[BASE])
+        results["base"].setdefault("validation", score(validation[BASE], validation[BASE]))
+    steering = dict(picked[v.name] for v in plan.variants if v.steering)
+    lora = dict(picked[v.name] for v in plan.variants if not v.steering)
     for eval_set in ("test", "transfer"):
-        steering = {label: path for variant in plan.variants if variant.steering for label, path in [picked[variant.name]]}
-        lora = {label: path for variant in plan.variants if not variant.steering for label, path in [picked[variant.name]]}
         correct = evaluator.correctness(eval_set, steering)
         if lora:
             correct.update({label: values for label, values in evaluator.correctness(eval_set, lora, lora=True).items() if label != BASE})
@@ -243,9 +243,9 @@ def run_plan(plan: Plan) -> dict[str, Any]:
         best = max(steering_variants, key=lambda name: results["variants"][name]["validation"][picked[name][0]]["accuracy"])
         label, path = picked[best]
         correct = evaluator.correctness("validation", {label: path}, scales=plan.scales)
-        results["strength_sweep"] = {"variant": best, "picked": label, "validation": {
-            name.split("@")[-1] if "@" in name else "1": score(correct[BASE], values) for name, values in correct.items() if name != BASE
-        }}
+        sweep = {"1": results["variants"][best]["validation"][label]}
+        sweep.update({name.rsplit("@", 1)[1]: score(correct[BASE], values) for name, values in correct.items() if "@" in name})
+        results["strength_sweep"] = {"variant": best, "picked": label, "validation": sweep}
     write_json(plan.output_dir / "results.json", results)
     (plan.output_dir / "results.md").write_text(markdown(results))
     plot_matrix(results, plan.output_dir)

@@ -58,7 +58,9 @@ def test_matrix_trains_picks_on_validation_and_reports(tmp_path, tiny_model_dir,
     test_models = {json.loads(line)["model"] for line in (runs / "eval" / "test" / "samples.jsonl").read_text().splitlines()}
     assert test_models == {"base", results["variants"]["sft"]["picked"], results["variants"]["sft+grpo"]["picked"]}
     assert (runs / "eval" / f"test-{results['variants']['lora']['picked']}" / "samples.jsonl").is_file()
-    assert set(results["strength_sweep"]["validation"]) == {"2"}
+    sweep = results["strength_sweep"]
+    assert set(sweep["validation"]) == {"1", "2"}  # scale 1 is the pick's own validation score
+    assert sweep["validation"]["1"] == results["variants"][sweep["variant"]]["validation"][sweep["picked"]]
     table = (runs / "results.md").read_text()
     assert all(f"| {name} |" in table for name in ("base", "sft", "sft+grpo", "lora")) and "Strength sweep" in table
     assert (runs / "evidence.png").stat().st_size > 10_000 and all((runs / name / "curves.png").is_file() for name in results["variants"])
