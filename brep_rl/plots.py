@@ -38,7 +38,8 @@ def plot_run(run: Path) -> Path:
             if steps:
                 ax.plot(steps, values, label=key, marker=".")
         ax.set_title(title)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     ax = axes[1, 1]
     if norms:
         name = "bias" if "bias" in norms[0] else next(k for k in norms[0] if k != "step")
@@ -65,7 +66,9 @@ def plot_matrix(results: dict[str, Any], output_dir: Path) -> Path:
     for ax, eval_set in zip(axes[:2], ("test", "transfer")):
         settings = results["evals"][eval_set]
         values = [100 * r[eval_set]["accuracy"] for r in rows]
-        errors = [[v - 100 * r[eval_set]["low"] for v, r in zip(values, rows)], [100 * r[eval_set]["high"] - v for v, r in zip(values, rows)]]
+        # clipped at 0: a Wilson bound of 0% or 100% can sit a rounding error past the estimate
+        errors = [[max(0.0, v - 100 * r[eval_set]["low"]) for v, r in zip(values, rows)],
+                  [max(0.0, 100 * r[eval_set]["high"] - v) for v, r in zip(values, rows)]]
         ax.bar(names, values, yerr=errors, capsize=3, color=["grey"] + ["C0"] * (len(names) - 1))
         ax.axhline(values[0], color="grey", linestyle="--", linewidth=1)
         ax.set_title(f"{settings['task']} {settings['split']} (n={rows[0][eval_set]['n']}), greedy")
