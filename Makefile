@@ -28,6 +28,6 @@ bench: setup
 		echo "== $$b"; ../$(PY) $$b.py || exit 1; done
 
 # The learning-evidence matrix (docs/results.md): every variant trained, picked on validation, reported on test and
-# GSM8K. About 1.5 hours on 2 CPU cores; re-running resumes.
+# GSM8K. About 2 hours on 2 CPU cores; re-running resumes.
 evidence: setup
 	@$(PY) scripts/evidence.py --config configs/evidence/smollm2_chain_sum.yaml

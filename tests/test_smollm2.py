@@ -55,13 +55,14 @@ def test_steered_batch_rows_generate_as_alone_on_smollm2(steered):
         assert row[:n] == alone[:n], f"row {i}: {tok.decode(row)!r} vs alone {tok.decode(alone)!r}"
 
 
-def test_the_shipped_artifact_loads_on_smollm2_and_suits_llama_cpp(smollm2):
+@pytest.mark.parametrize("name", ["smollm2-chain-sum-sft", "smollm2-chain-sum-grpo"])
+def test_the_shipped_artifacts_load_on_smollm2_and_suit_llama_cpp(smollm2, name):
     from pathlib import Path
 
     from brep_rl.rollout import LlamaCppBackend, make_backend
 
     model, tok = smollm2
-    artifact = Path(__file__).resolve().parent.parent / "artifacts" / "smollm2-chain-sum-grpo"
+    artifact = Path(__file__).resolve().parent.parent / "artifacts" / name
     steer = SteeringVectors.from_pretrained(artifact, model)
     try:
         assert steer.layer_ids == list(range(1, 30)) and float(steer.norms()["bias"].max()) > 0.1
