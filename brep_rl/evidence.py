@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -32,8 +31,6 @@ from brep_rl.model import load_base
 from brep_rl.plots import plot_matrix, plot_run
 from brep_rl.rollout import TransformersBackend
 from brep_rl.steering import WEIGHTS_NAME
-
-logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINERS = {"sft": [str(ROOT / "scripts" / "sft.py")], "grpo": [str(ROOT / "scripts" / "grpo.py")], "lora": ["-m", "brep_rl.lora"]}
