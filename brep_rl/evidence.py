@@ -160,7 +160,8 @@ def candidate_dirs(plan: Plan, variant: Variant) -> dict[str, Path]:
 class Evaluator:
     """Per-problem correctness of the base and of labelled artifacts on each eval set, kept in
     output_dir/eval/<set> (steering: one shared record store, so the base is generated once) and
-    output_dir/eval/<set>-<label> (a merged LoRA: its own store, where it is the "base")."""
+    output_dir/eval/<set>-<label> (a merged LoRA: its own store, where it is the "base"). The summary.md in a
+    store covers the models of its latest call only; results.md is the matrix's table."""
 
     def __init__(self, plan: Plan):
         self.plan = plan
