@@ -79,8 +79,11 @@ def load_plan(path: str | Path) -> Plan:
     for name in EVAL_SETS:
         try:
             evals[name] = EvalSettings(**raw[name])
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise PlanError(f"{path}: field {name!r}: {e}") from None
+        if evals[name].samples != 1 or evals[name].temperature != 0:
+            raise PlanError(f"{path}: field {name!r}: the matrix compares greedy answers, one per problem (samples 1, "
+                            f"temperature 0); got samples {evals[name].samples}, temperature {evals[name].temperature}")
     variants: list[Variant] = []
     for name, spec in raw["variants"].items():
         where = f"{path}: variants.{name}"

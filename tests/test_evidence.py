@@ -95,6 +95,15 @@ def test_bad_plans_are_refused_with_the_field(tmp_path, variants, message):
         load_plan(path)
 
 
+def test_plan_refuses_sampled_evaluation(tmp_path):
+    path = write_plan(tmp_path, tmp_path, {"s": {"trainer": "sft", "config": "sft.yaml"}})
+    plan = yaml.safe_load(path.read_text())
+    plan["test"].update(samples=4, temperature=0.7)
+    path.write_text(yaml.safe_dump(plan))
+    with pytest.raises(PlanError, match=r"field 'test': the matrix compares greedy answers.*got samples 4, temperature 0.7"):
+        load_plan(path)
+
+
 def test_plan_missing_fields(tmp_path):
     path = tmp_path / "plan.yaml"
     path.write_text("model: x\n")
