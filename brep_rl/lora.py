@@ -28,7 +28,8 @@ class LoraArguments:
 
 def run_lora_grpo(model_args: ModelArguments, lora_args: LoraArguments, data_args: GRPODataArguments, train_args: SteeringGRPOConfig) -> Path:
     """Train the adapter, save it to output_dir; returns output_dir."""
-    torch.set_num_threads(model_args.threads or torch.get_num_threads())
+    if model_args.threads:
+        torch.set_num_threads(model_args.threads)
     model, tokenizer = load_base(model_args.model, dtype=model_args.dtype)
     model.train()
     problems = data_args.load_problems(train_args.seed)

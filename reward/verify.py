@@ -24,6 +24,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 TIMEOUT_SECONDS = 5.0
+WORKER_STARTUP_SECONDS = 120.0  # importing math-verify on a busy machine; a check's own timeout starts after it
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -77,6 +78,17 @@ class _Worker:
         )
         self.job: int | None = None
         self.started = 0.0
+
+    def wait_ready(self) -> None:
+        """Block until the worker has imported math-verify (a second or more), so no check's timeout pays for it."""
+        started, _, _ = select.select([self.process.stdout], [], [], WORKER_STARTUP_SECONDS)
+        try:
+            status = self.receive()[0] if started else f"nothing within {WORKER_STARTUP_SECONDS:g} s"
+        except (EOFError, OSError, ValueError) as e:
+            status = repr(e)
+        if status != "ready":
+            self.kill()
+            raise VerifierError(f"a verifier worker (python -m reward._worker) failed to start: {status}")
 
     def send(self, gold: str, prediction: str) -> None:
         self.process.stdin.write(json.dumps([gold, prediction]) + "\n")
@@ -172,16 +184,24 @@ class Verifier:
 
     def _run(self, jobs: list[tuple[str, str]]) -> list[tuple[str, object]]:
         """Run jobs on the worker processes; a job past the timeout gets ("timeout", ...) and its worker is replaced."""
-        while len(self._workers) < self.num_workers:
-            self._workers.append(_Worker())
+        started = [_Worker() for _ in range(self.num_workers - len(self._workers))]  # they import in parallel
+        for w in started:
+            w.wait_ready()
+        self._workers += started
         outcomes: list[tuple[str, object] | None] = [None] * len(jobs)
         pending = list(range(len(jobs)))[::-1]
         while pending or any(w.job is not None for w in self._workers):
-            for w in self._workers:
+            for i, w in enumerate(list(self._workers)):
                 if w.job is None and pending:
                     w.job, w.started = pending.pop(), time.monotonic()
-                    w.send(*jobs[w.job])
+                    try:
+                        w.send(*jobs[w.job])
+                    except OSError as e:  # the worker died since its last job
+                        outcomes[w.job] = ("error", f"worker died: {e!r}")
+                        self._replace(i)
             busy = [w for w in self._workers if w.job is not None]
+            if not busy:
+                continue
             deadline = min(w.started for w in busy) + self.timeout
             ready, _, _ = select.select([w.process.stdout for w in busy], [], [], max(0.0, deadline - time.monotonic()))
             now = time.monotonic()
@@ -203,7 +223,9 @@ class Verifier:
 
     def _replace(self, index: int) -> None:
         self._workers[index].kill()
-        self._workers[index] = _Worker()
+        worker = _Worker()
+        worker.wait_ready()
+        self._workers[index] = worker
 
 
 _default: Verifier | None = None
