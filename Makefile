@@ -6,10 +6,13 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export DS_ACCELERATOR := cpu
 
-.PHONY: setup test test-fast demo bench evidence
+.PHONY: setup lint test test-fast demo bench evidence
 
 setup:
 	@bash scripts/setup.sh
+
+lint: setup
+	@.venv/bin/ruff check .
 
 # pytest exits 5 when it collects no test: not a failure of the suite.
 test: setup
@@ -20,7 +23,7 @@ test-fast: setup
 
 # The main job: GRPO of bias vectors on SmolLM2-135M (offline), then base vs steered on held-out problems.
 demo: setup
-	@.venv/bin/accelerate launch --config_file configs/accelerate/single.yaml scripts/grpo.py --output_dir runs/demo $(ARGS)
+	@.venv/bin/accelerate launch --config_file configs/accelerate/single.yaml scripts/grpo.py --output_dir runs/demo --overwrite_output_dir true $(ARGS)
 
 # Every benchmark, one after another (run nothing else meanwhile): JSON + markdown tables in benchmarks/results/.
 bench: setup

@@ -12,10 +12,10 @@ import statistics
 import time
 
 import torch
+from report import write
 
 from brep_rl import SteeringConfig, SteeringVectors, load_base
 from brep_rl.data import chat_prompt, load_task
-from report import write
 
 MODES = ("bias", "prefix", "bias+prefix")
 

@@ -38,11 +38,17 @@ def child(kind: str, beta: float, backend: str, steps: int, threads: int) -> dic
     from transformers import TrainerCallback
     from trl import GRPOTrainer
 
-    from brep_rl.grpo import (
-        CHAIN_SUM_2X2, GRPODataArguments, SteeringGRPOConfig, SteeringGRPOTrainer, prompt_dataset, reward_functions,
+    from brep_rl.arguments import (
+        CHAIN_SUM_2X2,
+        GRPODataArguments,
+        ModelArguments,
+        SteeringArguments,
+        SteeringGRPOConfig,
     )
+    from brep_rl.grpo import SteeringGRPOTrainer, prompt_dataset
     from brep_rl.rollout import make_backend
-    from brep_rl.training import ModelArguments, SteeringArguments, load_for_training, quiet_dependency_warnings
+    from brep_rl.training import load_for_training, quiet_dependency_warnings
+    from reward import reward_functions
 
     quiet_dependency_warnings()
     torch.set_num_threads(threads)
@@ -51,7 +57,7 @@ def child(kind: str, beta: float, backend: str, steps: int, threads: int) -> dic
                               save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=1000)
     data = GRPODataArguments(rg_config=CHAIN_SUM_2X2)
     problems = data.load_problems(args.seed)
-    funcs, args.reward_weights = reward_functions(data)
+    funcs, args.reward_weights = reward_functions(*data.reward_names(None), data.fallback)
     common = dict(args=args, reward_funcs=funcs, train_dataset=prompt_dataset(problems, data.instruction, None))
 
     model, tokenizer, steer = load_for_training(ModelArguments(threads=threads), SteeringArguments())

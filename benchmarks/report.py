@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from pathlib import Path
 
 import torch
+
+from brep_rl.files import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -20,7 +21,7 @@ def machine() -> dict:
 def write(name: str, title: str, rows: list[dict], notes: str = "", **meta) -> Path:
     RESULTS.mkdir(exist_ok=True)
     payload = {"benchmark": name, "machine": machine(), **meta, "rows": rows}
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(RESULTS / f"{name}.json", payload)
     columns = list(rows[0])
     lines = [f"# {title}", "", f"Machine: {payload['machine']}", ""]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

@@ -15,14 +15,15 @@ import statistics
 import time
 
 import torch
+from report import write
 from transformers import TrainerCallback
 
 from brep_rl import load_base
-from brep_rl.evaluate import EvalSettings, evaluate
+from brep_rl.arguments import EvalSettings
+from brep_rl.evaluate import evaluate
 from brep_rl.grpo import SteeringGRPOTrainer
 from brep_rl.grpo import main as grpo_main
 from brep_rl.rollout import make_backend
-from report import write
 
 BACKENDS = ("transformers", "llama.cpp")
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import time
 
-from reward import Verifier, extract_answer
 from report import write
+
+from reward import Verifier, extract_answer
 
 
 def rate(verifier: Verifier, golds: list[str], predictions: list[str]) -> float:

@@ -1,134 +1,151 @@
-"""`brep-rl` command line: eval | sft | grpo | inspect."""
+"""`brep-rl VERB [--config file.yaml] [--flag value ...]`: one entry point for every verb.
+
+Arguments are the dataclasses of brep_rl/arguments.py, parsed by TRL's TrlParser: a YAML config, then command-line
+overrides. A bad value stops the command while parsing, before any model loads, with one line naming the flag; a
+user error later (a missing file, an artifact that does not fit) is one line too; anything else is a bug and keeps
+its traceback. scripts/*.py call this, so `accelerate launch scripts/grpo.py` behaves the same.
+"""
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from brep_rl.steering import ArtifactError, read_artifact
+from trl import TrlParser
 
-
-def inspect_artifact(directory: str, as_json: bool = False) -> str:
-    """A readable summary of a saved artifact: its config and the per-layer norms of each vector."""
-    config, tensors = read_artifact(directory)
-    norms = {name: t.float().norm(dim=-1).tolist() for name, t in tensors.items()}
-    if as_json:
-        return json.dumps({"config": config.to_dict(), "norms": norms}, indent=2)
-    layers = config.layers or list(range(len(next(iter(norms.values())))))
-    size = sum(t.numel() * t.element_size() for t in tensors.values())
-    lines = [
-        f"steering artifact {directory}",
-        f"  base model   {config.base_model} ({config.model_type}, hidden {config.hidden_size}, {config.num_hidden_layers} layers)",
-        f"  site         {config.site}",
-        f"  mode         {config.mode}" + (f" (prefix_tokens={config.prefix_tokens})" if config.uses_prefix else ""),
-        "  restraint    " + ("none" if config.radius is None else f"radius {config.radius}" + (" x site norm" if config.radius_relative else "")),
-        f"  parameters   {sum(t.numel() for t in tensors.values()):,} ({size / 1024:.1f} KiB)",
-    ]
-    if config.provenance:
-        lines.append(f"  provenance   {json.dumps(config.provenance, sort_keys=True)}")
-    names = list(norms)
-    lines.append("")
-    lines.append("  layer  " + "  ".join(f"{n:>8}" for n in names))
-    for row, layer in enumerate(layers):
-        lines.append(f"  {layer:>5}  " + "  ".join(f"{norms[n][row]:8.4f}" for n in names))
-    return "\n".join(lines)
+from brep_rl.arguments import (
+    EvalArguments,
+    EvidenceArguments,
+    GRPODataArguments,
+    InspectArguments,
+    LoraArguments,
+    ModelArguments,
+    SFTDataArguments,
+    SteeringArguments,
+    SteeringGRPOConfig,
+    SteeringSFTConfig,
+)
+from brep_rl.errors import UserError
 
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    from brep_rl.evaluate import EvalSettings
-    from brep_rl.rollout import BACKENDS
+class ArgumentParser(TrlParser):
+    """TrlParser whose errors are one line (argparse would print a usage block first)."""
 
-    d = EvalSettings()
-    parser.add_argument("--model", default="smollm2-135m", help="alias, .gguf file, HF folder or hub id (default: %(default)s)")
-    parser.add_argument("--steering", action="append", default=[], metavar="DIR", help="steering artifact to compare with the base (repeatable)")
-    parser.add_argument("--scale", default="1", help="comma-separated steering strengths, e.g. 0.5,1,2 (default: %(default)s)")
-    parser.add_argument("--task", default=d.task, help="gsm8k | math500 | rg:<reasoning-gym dataset> | path.jsonl (default: %(default)s)")
-    parser.add_argument("--split", default=d.split)
-    parser.add_argument("--limit", type=int, default=d.limit, help="number of problems (default: %(default)s)")
-    parser.add_argument("--offset", type=int, default=d.offset)
-    parser.add_argument("--samples", type=int, default=d.samples, help="samples per problem, for pass@k / maj@k")
-    parser.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default: %(default)s)")
-    parser.add_argument("--top-p", type=float, default=d.top_p)
-    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per generate call")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--instruction", default=d.instruction, help="appended to every question ('' for none)")
-    parser.add_argument("--system-prompt", default=d.system_prompt)
-    parser.add_argument("--fallback", default=d.fallback, choices=["last_number", "none"], help="answer extraction when there is no \\boxed{} or ####")
-    parser.add_argument("--question", default=d.question, help="question template over JSONL fields, e.g. '{Body} {Question}'")
-    parser.add_argument("--answer-field", default=d.answer_field)
-    parser.add_argument("--rg-config", type=json.loads, default=None, help="reasoning-gym dataset config as JSON")
-    parser.add_argument("--skip-invalid", action="store_true", help="skip (and count) invalid JSONL rows instead of stopping")
-    parser.add_argument("--output", default=None, help="folder for samples.jsonl + summary.json/.md; re-running resumes")
-    parser.add_argument("--backend", default=d.backend, choices=BACKENDS,
-                        help="what generates: auto picks llama.cpp for a GGUF base when llama-cpp-python is installed "
-                             "and can apply the artifacts (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    def error(self, message: str):  # type: ignore[override]
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
-def run_eval(args: argparse.Namespace) -> None:
+def parse(prog: str, types: tuple, argv: Sequence[str] | None, yaml_config: bool = True) -> tuple:
+    """The dataclasses of `types` from `argv` (and from `--config FILE` when `yaml_config`); exits with one line on a
+    bad value: an unknown flag, a choice not allowed, a value its dataclass refuses, an unreadable config."""
+    parser = ArgumentParser(types, prog=prog)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if yaml_config:
+            return tuple(parser.parse_args_and_config(argv))
+        return tuple(parser.parse_args_into_dataclasses(argv))
+    except (ValueError, OSError) as e:  # raised while building the dataclasses: about the arguments given
+        parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+@dataclass
+class Verb:
+    help: str
+    types: tuple
+    run: Callable[..., object]
+    yaml_config: bool = True
+
+
+def _sft(*args):
+    from brep_rl.sft import run_sft
+
+    run_sft(*args)
+
+
+def _grpo(*args):
+    from brep_rl.grpo import run_grpo
+
+    run_grpo(*args)
+
+
+def _lora(*args):
+    from brep_rl.lora import run_lora_grpo
+
+    run_lora_grpo(*args)
+
+
+def _eval(args: EvalArguments) -> None:
     import torch
 
-    from brep_rl.evaluate import EvalSettings, evaluate, markdown_table
+    from brep_rl.evaluate import evaluate, markdown_table
     from brep_rl.model import load_base
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    scales = [float(s) for s in args.scale.split(",") if s.strip()]
-    settings = EvalSettings(
-        task=args.task, split=args.split, limit=args.limit, offset=args.offset, samples=args.samples,
-        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        seed=args.seed, instruction=args.instruction or None, system_prompt=args.system_prompt, fallback=args.fallback,
-        question=args.question, answer_field=args.answer_field, rg_config=args.rg_config, skip_invalid=args.skip_invalid,
-        backend=args.backend,
-    )
     model, tokenizer = load_base(args.model, dtype=args.dtype)
-    summary = evaluate(model, tokenizer, settings, args.steering, scales, args.output)
+    summary = evaluate(model, tokenizer, args.settings(), args.steering, args.scales(), args.output)
     print()
     print(markdown_table(summary))
     if args.output:
         print(f"\nper-sample records: {args.output}/samples.jsonl; summary: {args.output}/summary.json, summary.md")
 
 
+def _inspect(args: InspectArguments) -> None:
+    from brep_rl.steering.artifact import describe_artifact
+
+    print(describe_artifact(args.directory, as_json=args.json))
+
+
+def _evidence(args: EvidenceArguments) -> None:
+    from brep_rl.evidence import run
+
+    run(args.plan)
+
+
+VERBS = {
+    "sft": Verb("train vectors with SFT on truncated answer prefixes",
+                (ModelArguments, SteeringArguments, SFTDataArguments, SteeringSFTConfig), _sft),
+    "grpo": Verb("train vectors with GRPO on verifiable math rewards",
+                 (ModelArguments, SteeringArguments, GRPODataArguments, SteeringGRPOConfig), _grpo),
+    "eval": Verb("compare the base and steered models on a math task", (EvalArguments,), _eval),
+    "inspect": Verb("show the config and per-layer norms of a saved steering artifact", (InspectArguments,), _inspect),
+    "lora": Verb("the LoRA GRPO reference, on the data and settings of a steering run",
+                 (ModelArguments, LoraArguments, GRPODataArguments, SteeringGRPOConfig), _lora),
+    "evidence": Verb("the learning-evidence matrix: train every variant, pick on validation, report on test",
+                     (EvidenceArguments,), _evidence, yaml_config=False),
+}
+
+
+def usage() -> str:
+    width = max(map(len, VERBS))
+    lines = ["usage: brep-rl VERB [--config file.yaml] [--flag value ...]   (brep-rl VERB --help for its flags)", ""]
+    lines += [f"  {name:<{width}}  {verb.help}" for name, verb in VERBS.items()]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    from brep_rl.config import ConfigError
-    from brep_rl.data import DataError
-    from brep_rl.rollout import BackendUnavailable
-
-    parser = argparse.ArgumentParser(prog="brep-rl", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    add_eval_arguments(commands.add_parser("eval", help="compare the base and steered models on a math task"))
-
-    inspect = commands.add_parser("inspect", help="show the config and per-layer norms of a saved steering artifact")
-    inspect.add_argument("directory")
-    inspect.add_argument("--json", action="store_true", help="machine-readable output")
-
-    commands.add_parser("sft", help="train vectors with SFT on truncated answers (see brep-rl sft --help)", add_help=False)
-    commands.add_parser("grpo", help="train vectors with GRPO on verifiable rewards (see brep-rl grpo --help)", add_help=False)
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["sft"], ["grpo"]):  # the trainer's own parser (YAML config + overrides) takes the rest
-        import importlib
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in VERBS:
+        print(f"brep-rl: error: unknown verb {name!r} (choose from {', '.join(VERBS)})", file=sys.stderr)
+        return 2
+    if name == "inspect" and rest and not rest[0].startswith("-"):
+        rest = ["--directory", *rest]  # `brep-rl inspect DIR`
+    verb = VERBS[name]
+    from brep_rl.training import quiet_dependency_warnings
+    from reward import RewardConfigError
 
-        trainer_main = importlib.import_module(f"brep_rl.{argv[0]}").main
-        try:
-            trainer_main(argv[1:])
-        except (ArtifactError, BackendUnavailable, ConfigError, DataError, FileNotFoundError, ValueError) as e:
-            print(f"brep-rl {argv[0]}: error: {e}", file=sys.stderr)
-            return 2
-        return 0
-    args = parser.parse_args(argv)
+    quiet_dependency_warnings()
+    parsed = parse(f"brep-rl {name}", verb.types, rest, verb.yaml_config)
     try:
-        if args.command == "inspect":
-            print(inspect_artifact(args.directory, as_json=args.json))
-        elif args.command == "eval":
-            run_eval(args)
-    except (ArtifactError, BackendUnavailable, ConfigError, DataError, FileNotFoundError, ValueError) as e:
-        print(f"brep-rl {args.command}: error: {e}", file=sys.stderr)
+        verb.run(*parsed)
+    except (UserError, RewardConfigError, FileNotFoundError, PermissionError) as e:
+        print(f"brep-rl {name}: error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -11,18 +11,17 @@ import json
 import logging
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from brep_rl.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_INSTRUCTION = "Solve the problem. End with the final answer on its own line as '#### <answer>'."
 _CALCULATOR_NOTE = re.compile(r"<<[^>]*>>")
-
-
-class DataError(ValueError):
-    """A task, file or row cannot be used; the message names the file, line and field."""
 
 
 @dataclass
@@ -35,14 +34,19 @@ class Problem:
 
 
 def data_root() -> Path:
-    """The shipped data: $BREP_RL_DATA, else ../shared/data beside the checkout (or the working directory)."""
+    """The shipped data: $BREP_RL_DATA, else shared/data beside the repository root (../shared/data from the
+    checkout), wherever the command runs from."""
     if os.environ.get("BREP_RL_DATA"):
-        return Path(os.environ["BREP_RL_DATA"])
+        root = Path(os.environ["BREP_RL_DATA"])
+        if not root.is_dir():
+            raise DataError(f"BREP_RL_DATA={root}: not a folder")
+        return root
     checkout = Path(__file__).resolve().parent.parent
-    for candidate in (checkout.parent / "shared" / "data", checkout / "shared" / "data", Path.cwd().parent / "shared" / "data"):
+    candidates = (checkout.parent / "shared" / "data", checkout / "shared" / "data")
+    for candidate in candidates:
         if candidate.is_dir():
             return candidate
-    raise DataError("cannot find the shared data folder (../shared/data beside the checkout); set BREP_RL_DATA")
+    raise DataError(f"cannot find the data folder: looked in {', '.join(map(str, candidates))}; set BREP_RL_DATA")
 
 
 def gsm8k_final_answer(answer: str) -> str | None:
@@ -57,11 +61,12 @@ def gsm8k_solution(answer: str) -> str:
     return f"{_CALCULATOR_NOTE.sub('', body).strip()}\n#### {final.strip().replace(',', '')}"
 
 
-def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, row) pairs; a malformed line is an error naming file:line."""
+def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any] | DataError]]:
+    """(line number, row) pairs; a malformed line comes as a DataError naming file:line, for the caller to raise or
+    count."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    rows = []
+    rows: list[tuple[int, dict[str, Any] | DataError]] = []
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -69,9 +74,10 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+                rows.append((number, DataError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})")))
+                continue
             if not isinstance(row, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+                row = DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
             rows.append((number, row))
     return rows
 
@@ -85,16 +91,25 @@ def _field(row: dict[str, Any], name: str, where: str) -> str:
 
 
 def _rows_to_problems(path: Path, make, skip_invalid: bool) -> list[Problem]:
+    """Problems from the rows of a JSONL file. A malformed line or an invalid row stops with its error, or with
+    `skip_invalid` is skipped and counted. Two rows with the same id are refused: records are keyed by id."""
     problems, skipped = [], []
     for number, row in read_jsonl(path):
         try:
+            if isinstance(row, DataError):
+                raise row
             problems.append(make(row, f"{path}:{number}", number))
         except DataError as e:
             if not skip_invalid:
                 raise
             skipped.append(str(e))
     if skipped:
-        logger.warning("%s: skipped %d invalid row(s), e.g. %s", path, len(skipped), skipped[0])
+        logger.warning("%s: skipped %d invalid line(s) (--skip-invalid), e.g. %s", path, len(skipped), skipped[0])
+    counts = Counter(p.id for p in problems)
+    repeated = sorted(i for i, n in counts.items() if n > 1)
+    if repeated:
+        shown = ", ".join(map(repr, repeated[:5])) + (f" and {len(repeated) - 5} more" if len(repeated) > 5 else "")
+        raise DataError(f"{path}: {len(repeated)} id(s) appear on more than one row ({shown}); every problem needs its own id")
     return problems
 
 
@@ -250,25 +265,3 @@ def prompt_batch(tokenizer, problems: list[Problem], instruction: str | None, sy
     texts = [chat_prompt(tokenizer, p.question, instruction, system_prompt) for p in problems]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     return enc.input_ids, enc.attention_mask
-
-
-@dataclass
-class TaskArguments:
-    """Which problems a training stage reads, and how they are put to the model (shared by SFT and GRPO)."""
-
-    task: str = field(default="gsm8k", metadata={"help": "gsm8k | math500 | rg:<name> | path.jsonl"})
-    split: str = "train"
-    limit: int | None = field(default=2000, metadata={"help": "problems to read"})
-    offset: int = 0
-    rg_config: str | None = field(default=None, metadata={"help": "reasoning-gym dataset config, JSON (or a YAML mapping)"})
-    question: str = field(default="{question}", metadata={"help": "question template over JSONL fields"})
-    answer_field: str = "answer"
-    skip_invalid: bool = False
-    instruction: str | None = DEFAULT_INSTRUCTION
-    system_prompt: str | None = None
-
-    def load_problems(self, seed: int, solution_field: str | None = None) -> list[Problem]:
-        return load_task(
-            self.task, self.split, self.limit, self.offset, seed, self.question, self.answer_field, solution_field,
-            json_mapping(self.rg_config), self.skip_invalid,
-        )

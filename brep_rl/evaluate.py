@@ -21,46 +21,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from brep_rl.config import CONFIG_NAME
-from brep_rl.data import DEFAULT_INSTRUCTION, Problem, chat_prompt, load_task
+from brep_rl.arguments import EvalSettings
+from brep_rl.data import Problem, chat_prompt, load_task
+from brep_rl.files import to_json, write_json
 from brep_rl.metrics import accuracy_interval, majority_vote, paired_difference, pass_at_k
 from brep_rl.rollout import Backend, Rollouts, Sampling, hash_seed, make_backend
-from brep_rl.steering import WEIGHTS_NAME, SteeringVectors, read_artifact
+from brep_rl.steering import CONFIG_NAME, WEIGHTS_NAME, SteeringVectors, read_artifact
 from reward import default_verifier, extract_answer, has_final_answer_format
 
 logger = logging.getLogger(__name__)
 
 BASE = "base"
-
-
-@dataclass
-class EvalSettings:
-    task: str = "gsm8k"
-    split: str = "test"
-    limit: int | None = 100
-    offset: int = 0
-    samples: int = 1
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    batch_size: int = 16  # sequences per generation call
-    seed: int = 0
-    instruction: str | None = DEFAULT_INSTRUCTION
-    system_prompt: str | None = None
-    fallback: str = "last_number"
-    question: str = "{question}"
-    answer_field: str = "answer"
-    rg_config: dict[str, Any] | None = None
-    skip_invalid: bool = False
-    backend: str = "auto"  # auto | transformers | llama.cpp (see brep_rl.rollout)
-
-    def __post_init__(self) -> None:
-        if self.samples < 1:
-            raise ValueError(f"samples: expected >= 1, got {self.samples}")
-        if self.samples > 1 and self.temperature <= 0:
-            raise ValueError(f"samples={self.samples} with temperature {self.temperature}: greedy decoding gives identical samples; set a temperature > 0")
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {self.batch_size} and {self.max_new_tokens}")
 
 
 @dataclass
@@ -89,7 +60,7 @@ class RecordStore:
                 details = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
                 raise ValueError(f"{output} holds an evaluation with other settings ({details}); use another --output or delete it")
             self.run["artifacts"] = previous.get("artifacts", {})
-        self.run_file.write_text(json.dumps(self.run, indent=2) + "\n")
+        write_json(self.run_file, self.run)
         if self.path.is_file():
             text = self.path.read_text()
             dropped = 0
@@ -104,7 +75,7 @@ class RecordStore:
             if dropped or (text and not text.endswith("\n")):
                 # rewrite without the broken line, so new records are not appended onto it
                 tmp = self.path.with_suffix(".jsonl.tmp")
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records.values()))
+                tmp.write_text("".join(to_json(r) + "\n" for r in self.records.values()))
                 os.replace(tmp, self.path)
 
     def check_artifact(self, label: str, artifact: str | None) -> None:
@@ -121,7 +92,7 @@ class RecordStore:
                              "use another --output or delete it")
         self.run["artifacts"][label] = fingerprint
         if self.run_file:
-            self.run_file.write_text(json.dumps(self.run, indent=2) + "\n")
+            write_json(self.run_file, self.run)
 
     def done(self, label: str, problem: Problem, samples: int) -> bool:
         return all((label, problem.id, s) in self.records for s in range(samples))
@@ -131,7 +102,7 @@ class RecordStore:
             self.records[(r["model"], r["problem_id"], r["sample"])] = r
         if self.path:
             with self.path.open("a") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in records))
+                f.write("".join(to_json(r) + "\n" for r in records))
                 f.flush()
 
 
@@ -264,7 +235,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
 
 
 def write_summary(output: Path, summary: dict[str, Any]) -> None:
-    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(output / "summary.json", summary)
     s = summary["settings"]
     title = f"Evaluation on {s['task']} ({s['split']}), {s['samples']} sample(s) per problem, temperature {s['temperature']}, max {s['max_new_tokens']} new tokens"
     (output / "summary.md").write_text(f"# {title}\n\n{markdown_table(summary)}\n")

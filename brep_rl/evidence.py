@@ -10,7 +10,6 @@ Run: python scripts/evidence.py --config configs/evidence/smollm2_chain_sum.yaml
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -24,20 +23,22 @@ from typing import Any
 import torch
 import yaml
 
-from brep_rl.config import CONFIG_NAME
-from brep_rl.evaluate import BASE, EvalSettings, evaluate
+from brep_rl.arguments import EvalSettings
+from brep_rl.errors import UserError
+from brep_rl.evaluate import BASE, evaluate
+from brep_rl.files import write_json
 from brep_rl.metrics import accuracy_interval, paired_difference
 from brep_rl.model import load_base
 from brep_rl.plots import plot_matrix, plot_run
 from brep_rl.rollout import TransformersBackend
-from brep_rl.steering import WEIGHTS_NAME
+from brep_rl.steering import CONFIG_NAME, WEIGHTS_NAME
 
-ROOT = Path(__file__).resolve().parent.parent
-TRAINERS = {"sft": [str(ROOT / "scripts" / "sft.py")], "grpo": [str(ROOT / "scripts" / "grpo.py")], "lora": ["-m", "brep_rl.lora"]}
+# each stage is the user's own command, run from the installed package (no checkout needed)
+TRAINERS = {name: ["-m", "brep_rl.cli", name] for name in ("sft", "grpo", "lora")}
 EVAL_SETS = ("validation", "test", "transfer")
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """The matrix config cannot be run; the message names the file and field."""
 
 
@@ -89,9 +90,9 @@ def load_plan(path: str | Path) -> Plan:
         where = f"{path}: variants.{name}"
         if not isinstance(spec, dict) or spec.get("trainer") not in TRAINERS:
             raise PlanError(f"{where}: expected a mapping with trainer one of {', '.join(TRAINERS)}, got {spec!r}")
-        config = ROOT / spec.get("config", "") if not Path(spec.get("config", "")).is_absolute() else Path(spec["config"])
+        config = Path(spec.get("config", "")).absolute()  # relative to where the matrix is run (the checkout)
         if not config.is_file():
-            raise PlanError(f"{where}: config {spec.get('config')!r} not found")
+            raise PlanError(f"{where}: config {spec.get('config')!r} not found (relative paths start at {Path.cwd()})")
         after = spec.get("after")
         if after is not None and after not in [v.name for v in variants]:
             raise PlanError(f"{where}: after={after!r} must name a variant listed before it")
@@ -126,11 +127,11 @@ def train(plan: Plan, variant: Variant, init_from: Path | None) -> float:
         command += [f"--{key}", str(value)]
     if init_from is not None:
         command += ["--init_from", str(init_from)]
-    if run.is_dir() and any(run.glob("checkpoint-*")):
+    if run.is_dir():  # an interrupted stage: continue from its last checkpoint (or start over if it has none)
         command += ["--resume_from_checkpoint", "last"]
     print(f"\n== {variant.name}: {' '.join(command[1:])}", flush=True)
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=ROOT)
+    result = subprocess.run(command)
     if result.returncode != 0:
         raise RuntimeError(f"variant {variant.name!r}: training exited with code {result.returncode} (command above); "
                            "re-running the matrix resumes it")
@@ -226,7 +227,7 @@ def run_plan(plan: Plan) -> dict[str, Any]:
         best = max(candidates, key=lambda label: (by_label[label]["accuracy"], list(candidates).index(label)))
         picked[variant.name] = (best, candidates[best])
         results["variants"][variant.name] = {
-            "trainer": variant.trainer, "config": str(variant.config.relative_to(ROOT)) if variant.config.is_relative_to(ROOT) else str(variant.config),
+            "trainer": variant.trainer, "config": str(variant.config.relative_to(Path.cwd())) if variant.config.is_relative_to(Path.cwd()) else str(variant.config),
             "args": variant.args, "after": variant.after, "train_seconds": seconds, "validation": by_label, "picked": best,
         }
         results["base"].setdefault("validation", score(validation[BASE], validation[BASE]))
@@ -285,22 +286,9 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="matrix YAML, e.g. configs/evidence/smollm2_chain_sum.yaml")
-    args = parser.parse_args(argv)
-    try:
-        plan = load_plan(args.config)
-    except PlanError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def run(config: str | Path) -> dict[str, Any]:
+    """`brep-rl evidence --config FILE`: run (or resume) the matrix and print its table."""
+    plan = load_plan(config)
     results = run_plan(plan)
     print(f"\n{markdown(results)}\nresults: {plan.output_dir / 'results.json'}, {plan.output_dir / 'results.md'}")
-    return 0
+    return results

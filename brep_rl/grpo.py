@@ -12,74 +12,26 @@ What differs from plain TRL:
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
-from dataclasses import dataclass, field
+import random
 
 import torch
 from datasets import Dataset
 from torch import nn
 from transformers import TrainerCallback
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 
-from brep_rl.data import DataError, TaskArguments, json_mapping, prompt_batch
-from brep_rl.evaluate import EvalSettings
+from brep_rl.arguments import EvalSettings, GRPODataArguments, ModelArguments, SteeringArguments, SteeringGRPOConfig
+from brep_rl.data import json_mapping, prompt_batch
+from brep_rl.dynamic_sampling import ScoredGroup, informative_groups
+from brep_rl.errors import ConfigError, DataError
 from brep_rl.rollout import Backend, Sampling, TransformersBackend, hash_seed, make_backend
 from brep_rl.steering import SteeringVectors
-from brep_rl.training import (
-    ModelArguments, RestraintCallback, SteeringArguments, SteeringTrainerMixin, final_eval, fit_to_machine,
-    load_for_training, quiet_dependency_warnings, train_and_save,
-)
-from reward import format_reward, guarded, make_accuracy_reward, reward_failures, verifier_stats
+from brep_rl.training import SteeringTrainerMixin, claim_output_dir, final_eval, load_for_training, train_and_save
+from reward import guarded, reward_failures, reward_function, reward_functions, verifier_stats
 
 logger = logging.getLogger(__name__)
-
-CHAIN_SUM_2X2 = '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}'
-
-
-@dataclass
-class GRPODataArguments(TaskArguments):
-    task: str = field(default="rg:chain_sum", metadata={"help": "gsm8k | math500 | rg:<name> | path.jsonl"})
-    rg_config: str | None = field(default=CHAIN_SUM_2X2, metadata={"help": "reasoning-gym config, JSON"})
-    fallback: str = field(default="last_number", metadata={"help": "answer extraction without \\boxed{} or ####: last_number | none"})
-    format_reward_weight: float = field(default=0.0, metadata={"help": "weight of the #### / \\boxed{} format reward (0: accuracy only)"})
-    extra_rewards: str | None = field(default=None, metadata={"help": "comma-separated extra TRL reward functions as module:function, weight 1 each"})
-    eval_task: str | None = field(default=None, metadata={"help": "task of the final base vs steered eval (default: the training task)"})
-    eval_split: str = "test"
-    eval_limit: int = field(default=50, metadata={"help": "problems in the final eval (0: skip it)"})
-    eval_max_new_tokens: int | None = field(default=None, metadata={"help": "default: max_completion_length"})
-    eval_rg_config: str | None = field(default=None, metadata={"help": "default: rg_config when eval_task is the training task"})
-
-
-@dataclass
-class SteeringGRPOConfig(GRPOConfig):
-    """GRPOConfig with defaults for a few KB of vectors on a CPU (TRL's are for full fine-tuning on GPUs)."""
-
-    output_dir: str = "runs/grpo"
-    learning_rate: float = 3e-3
-    lr_scheduler_type: str = "constant"  # a warmup's first step has lr 0: a twelfth of a 12-step run lost
-    max_steps: int = 12
-    per_device_train_batch_size: int = 16
-    num_generations: int | None = 8
-    max_completion_length: int | None = 32
-    temperature: float = 0.7
-    beta: float = 0.0
-    weight_decay: float = 0.0
-    logging_steps: float = 1
-    save_steps: float = 4
-    save_total_limit: int | None = 2
-    bf16: bool | None = False
-    activation_checkpointing: bool | None = False  # it re-runs forwards outside the steering hooks
-    dataloader_pin_memory: bool = False
-    seed: int = 0
-    rollout_backend: str = field(default="auto", metadata={"help": "auto | transformers | llama.cpp: what generates the "
-                                 "rollouts (auto: llama.cpp for a GGUF base when llama-cpp-python is installed)"})
-
-    def __post_init__(self) -> None:
-        fit_to_machine(self)
-        super().__post_init__()
-
 
 class SteeringDisabled(nn.Module):
     """The KL reference policy: the very same model with steering switched off (no second copy in memory)."""
@@ -108,13 +60,26 @@ class SyncCallback(TrainerCallback):
         self.backend.sync(self.steer)
 
 
-class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
-    """`backend`: None or a TransformersBackend generates with TRL's own loop; any other backend (llama.cpp)
-    through TRL's `rollout_func`, with the vectors pushed to it after every optimizer step."""
+class _SyncedByCallback:
+    """Stands where TRL expects its vLLM engine, so that TRL's importance-sampling correction applies to our
+    rollouts too; the weights it would sync are the vectors, which SyncCallback pushes after every optimizer step."""
 
-    def __init__(self, model, steer: SteeringVectors, args: SteeringGRPOConfig, backend: Backend | None = None, **kwargs):
-        external = backend is not None and not isinstance(backend, TransformersBackend)
-        if external:
+    def sync_weights(self) -> None:
+        pass
+
+
+class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
+    """`backend`: None or a TransformersBackend generates with TRL's own loop, unless dynamic sampling needs the
+    rollouts first; any other backend (llama.cpp) through TRL's `rollout_func`, with the vectors pushed to it after
+    every optimizer step and TRL's truncated importance sampling correcting for the sampler's distribution.
+    `accuracy_reward`: the binary reward dynamic sampling filters groups on."""
+
+    def __init__(self, model, steer: SteeringVectors, args: SteeringGRPOConfig, backend: Backend | None = None,
+                 accuracy_reward=None, **kwargs):
+        own_loop = backend is None or (isinstance(backend, TransformersBackend) and not args.dynamic_sampling)
+        if args.dynamic_sampling and (backend is None or accuracy_reward is None):
+            raise ConfigError("--dynamic_sampling needs a rollout backend and the accuracy reward to filter groups on")
+        if not own_loop:
             check_sampling(args, backend)
             kwargs["rollout_func"] = self._rollout
         beta = args.beta
@@ -126,20 +91,30 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
             args.beta = beta
         self.beta = beta
         self.ref_model = SteeringDisabled(model, steer) if beta else None
-        self.steer = steer
         self.backend = backend
-        self.check_steering_args()
-        self.add_callback(RestraintCallback(steer))
-        if external:
+        self.accuracy_reward = accuracy_reward
+        self.setup_steering(steer)
+        if not own_loop:
             backend.sync(steer)
             self.add_callback(SyncCallback(backend, steer))
-        self._rollout_calls = 0
+            if args.vllm_importance_sampling_correction and not isinstance(backend, TransformersBackend):
+                self.use_vllm = True  # TRL gates its off-policy correction on vLLM; llama.cpp samples off-policy alike
+                self.vllm_generation, self._last_loaded_step = _SyncedByCallback(), -1
+        self._rollout_calls: tuple[int, int] = (-1, 0)  # (global step, calls at that step): seeds survive a resume
+        self._stash: dict[tuple[int, ...], tuple[list, list]] = {}  # rollouts dynamic sampling already made
         self._trainer_logps: torch.Tensor | None = None
         self._verifier_seen = verifier_stats()
         self._failures_seen = dict(reward_failures)
 
+    def _sampling(self, *purpose: object) -> Sampling:
+        """Sampling settings with a seed fixed by the run seed, the step, the rank and `purpose` (not by call order:
+        a resumed run draws what an uninterrupted one draws)."""
+        seed = hash_seed(self.args.seed, self.state.global_step, self.accelerator.process_index, *purpose)
+        return Sampling(self.max_completion_length, self.temperature, self.top_p, self.top_k or 0, seed)
+
     def _rollout(self, prompts: list, trainer: GRPOTrainer) -> dict[str, list]:
-        """TRL's rollout_func: the chat-templated prompts of this process, generated by the external backend."""
+        """TRL's rollout_func: the chat-templated prompts of this process, generated by the backend (or taken from
+        what dynamic sampling generated for them)."""
         prompt_ids, _, _ = self._tokenize_prompts(prompts)
         groups: list[tuple[list[int], int]] = []  # consecutive copies of one prompt (TRL repeats each per generation)
         for ids in prompt_ids:
@@ -147,15 +122,61 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
                 groups[-1] = (ids, groups[-1][1] + 1)
             else:
                 groups.append((ids, 1))
+        stash, self._stash = self._stash, {}
+        if stash and all(tuple(ids) in stash and len(stash[tuple(ids)][0]) == n for ids, n in groups):
+            made = [stash[tuple(ids)] for ids, _ in groups]
+            return {"prompt_ids": [ids for ids, n in groups for _ in range(n)],
+                    "completion_ids": [c for completions, _ in made for c in completions],
+                    "logprobs": [lp for _, logprobs in made for lp in logprobs]}
+        step, calls = self._rollout_calls
+        step, calls = (step, calls + 1) if step == self.state.global_step else (self.state.global_step, 1)
+        self._rollout_calls = (step, calls)
+        sampling = self._sampling(calls)
         sizes = {n for _, n in groups}
-        self._rollout_calls += 1
-        seed = hash_seed(self.args.seed, self.state.global_step, self.accelerator.process_index, self._rollout_calls)
-        sampling = Sampling(self.max_completion_length, self.temperature, self.top_p, self.top_k or 0, seed)
         if len(sizes) == 1:
             rollouts = self.backend.generate([ids for ids, _ in groups], sizes.pop(), sampling)
         else:  # uneven groups (a group split across processes): every copy is its own prompt
             rollouts = self.backend.generate(prompt_ids, 1, sampling)
         return {"prompt_ids": rollouts.prompt_ids, "completion_ids": rollouts.completion_ids, "logprobs": rollouts.logprobs}
+
+    # ---- dynamic sampling ------------------------------------------------------------------------------------
+
+    def _generate_and_score_completions(self, inputs):
+        if self.args.dynamic_sampling and self.model.training and len(inputs) % self.num_generations == 0:
+            inputs = self._informative_inputs(inputs)
+        return super()._generate_and_score_completions(inputs)
+
+    def _informative_inputs(self, inputs: list[dict]) -> list[dict]:
+        """This process's groups with a signal (brep_rl/dynamic_sampling.py); their rollouts wait in the stash."""
+        n = self.num_generations
+        groups = [inputs[i : i + n] for i in range(0, len(inputs), n)]
+        batch, stats = informative_groups(
+            self._score_groups(groups, 0),
+            lambda count, round_: self._score_groups(self._fresh_groups(count, round_), round_),
+            self.args.max_refills,
+        )
+        self._stash = {group.rollout[0]: group.rollout[1] for group in batch}
+        for key, value in stats.as_metrics(len(groups)).items():
+            self._metrics["train"][key].append(value)
+        return [row for group in batch for row in group.rows]
+
+    def _score_groups(self, groups: list[list[dict]], round_: int) -> list[ScoredGroup]:
+        n = self.num_generations
+        prompt_ids, _, _ = self._tokenize_prompts([group[0]["prompt"] for group in groups])
+        rollouts = self.backend.generate(prompt_ids, n, self._sampling("dynamic", round_))
+        texts = self.processing_class.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
+        accuracies = self.accuracy_reward(completions=texts, answer=[row["answer"] for group in groups for row in group])
+        scored = []
+        for i, group in enumerate(groups):
+            made = (rollouts.completion_ids[i * n : (i + 1) * n], (rollouts.logprobs or [None] * len(texts))[i * n : (i + 1) * n])
+            scored.append(ScoredGroup(group, (tuple(prompt_ids[i]), made), accuracies[i * n : (i + 1) * n]))
+        return scored
+
+    def _fresh_groups(self, count: int, round_: int) -> list[list[dict]]:
+        """`count` prompts drawn from the training set, by a generator fixed by the step, rank and round."""
+        rng = random.Random(hash_seed(self.args.seed, self.state.global_step, self.accelerator.process_index, "refill", round_))
+        rows = [self.train_dataset[rng.randrange(len(self.train_dataset))] for _ in range(count)]
+        return [[dict(row) for _ in range(self.num_generations)] for row in rows]
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
@@ -195,9 +216,14 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
             out = model(input_ids=tail, attention_mask=attention_mask, past_key_values=cache, labels=labels, fused_lm_head=True)
         return out.log_probs[:, -logits_to_keep:], out.entropy[:, -logits_to_keep:] if compute_entropy else None, None
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.backend is not None:  # the backend holds a copy of the vectors: the resumed ones, from the first step
+            self.backend.sync(self.steer)
+
     def _compute_loss(self, model, inputs):
         self._trainer_logps = None
-        loss = super()._compute_loss(model, inputs)
+        loss = super()._compute_loss(model, inputs) + self.steer.penalty_term(model.training)
         sampled = inputs.get("sampling_per_token_logps")
         if sampled is not None and self._trainer_logps is not None:
             # how far the backend's sampling distribution is from the trainer's (quantisation, kernels)
@@ -213,13 +239,14 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        now = verifier_stats()
+        now, failures = verifier_stats(), dict(reward_failures)
+        local = [now["timeouts"] - self._verifier_seen["timeouts"], now["errors"] - self._verifier_seen["errors"],
+                 sum(failures.values()) - sum(self._failures_seen.values())]
+        self._verifier_seen, self._failures_seen = now, failures
+        total = self.accelerator.reduce(torch.tensor(local, dtype=torch.float32, device=self.accelerator.device), "sum")
         mode = "train" if self.model.training else "eval"
-        for key in ("timeouts", "errors"):
-            self._metrics[mode][f"verifier/{key}"].append(now[key] - self._verifier_seen[key])
-        self._verifier_seen = now
-        self._metrics[mode]["reward_failures"].append(sum(reward_failures.values()) - sum(self._failures_seen.values()))
-        self._failures_seen = dict(reward_failures)
+        for key, value in zip(("verifier/timeouts", "verifier/errors", "reward_failures"), total.tolist()):
+            self._metrics[mode][key].append(value)  # every rank's failures, not the first rank's alone
         return rewards
 
     def provenance(self) -> dict:
@@ -232,7 +259,7 @@ def check_sampling(args: SteeringGRPOConfig, backend: Backend) -> None:
     wrong = ([f"min_p={args.min_p}"] if args.min_p else []) + (
         [f"repetition_penalty={args.repetition_penalty}"] if args.repetition_penalty != 1.0 else [])
     if wrong:
-        raise ValueError(f"the {backend.name} rollout backend does not implement {', '.join(wrong)}: "
+        raise ConfigError(f"the {backend.name} rollout backend does not implement {', '.join(wrong)}: "
                          "unset it or use --rollout_backend transformers")
 
 
@@ -260,24 +287,11 @@ def prompt_dataset(problems, instruction: str | None, system_prompt: str | None)
     return Dataset.from_list(rows)
 
 
-def reward_functions(data_args: GRPODataArguments) -> tuple[list, list[float]]:
-    """Accuracy (weight 1), the optional format reward, and any extra `module:function` rewards (weight 1 each)."""
-    funcs, weights = [make_accuracy_reward(fallback=data_args.fallback)], [1.0]
-    if data_args.format_reward_weight > 0:
-        funcs.append(format_reward)
-        weights.append(data_args.format_reward_weight)
-    for path in filter(None, (data_args.extra_rewards or "").split(",")):
-        module, _, name = path.strip().partition(":")
-        try:
-            funcs.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"extra_rewards: cannot import {path.strip()!r} as module:function ({e})") from None
-        weights.append(1.0)
-    return funcs, weights
-
-
 def run_grpo(model_args: ModelArguments, steer_args: SteeringArguments, data_args: GRPODataArguments, train_args: SteeringGRPOConfig) -> SteeringGRPOTrainer:
     """Train with GRPO, save the artifact to output_dir and (main process) compare base vs steered on held-out problems."""
+    claim_output_dir(train_args)
+    funcs, train_args.reward_weights = reward_functions(*data_args.reward_names(train_args.reward_weights), data_args.fallback,
+                                                         data_args.allow_reward_imports)
     problems = data_args.load_problems(train_args.seed)
     if not all(p.answer for p in problems):
         raise DataError(f"task {data_args.task!r}: every problem needs a gold answer for the reward")
@@ -288,11 +302,10 @@ def run_grpo(model_args: ModelArguments, steer_args: SteeringArguments, data_arg
     model, tokenizer, steer = load_for_training(model_args, steer_args, calibration)
     steer.config.provenance = {**steer.config.provenance, "stage": "grpo", "task": data_args.task, "split": data_args.split,
                                "rg_config": json_mapping(data_args.rg_config)}
-    funcs, weights = reward_functions(data_args)
-    train_args.reward_weights = weights
     backend = make_backend(train_args.rollout_backend, model, tokenizer, model_args.model, [steer.config], torch.get_num_threads())
     trainer = SteeringGRPOTrainer(
         model=model, steer=steer, args=train_args, backend=backend, reward_funcs=[guarded(f) for f in funcs],
+        accuracy_reward=reward_function("accuracy", data_args.fallback),
         train_dataset=prompt_dataset(problems, data_args.instruction, data_args.system_prompt), processing_class=tokenizer,
     )
     output = train_and_save(trainer)
@@ -316,10 +329,7 @@ def eval_settings(data_args: GRPODataArguments, train_args: SteeringGRPOConfig) 
 
 
 def main(argv: list[str] | None = None) -> SteeringGRPOTrainer:
-    """`brep-rl grpo` / `scripts/grpo.py`: --config YAML plus command-line overrides (TRL's parser)."""
-    from trl import TrlParser
+    """`scripts/grpo.py` and tests: --config YAML plus command-line overrides (`brep-rl grpo` adds one-line errors)."""
+    from brep_rl.cli import VERBS, parse
 
-    quiet_dependency_warnings()
-    parser = TrlParser((ModelArguments, SteeringArguments, GRPODataArguments, SteeringGRPOConfig))
-    model_args, steer_args, data_args, train_args = parser.parse_args_and_config(argv)
-    return run_grpo(model_args, steer_args, data_args, train_args)
+    return run_grpo(*parse("brep-rl grpo", VERBS["grpo"].types, argv))

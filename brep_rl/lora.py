@@ -6,34 +6,33 @@ Run: python -m brep_rl.lora --config configs/evidence/grpo.yaml --output_dir run
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel
 from trl import GRPOTrainer
 
-from brep_rl.grpo import GRPODataArguments, SteeringGRPOConfig, prompt_dataset, reward_functions
+from brep_rl.arguments import GRPODataArguments, LoraArguments, ModelArguments, SteeringGRPOConfig
+from brep_rl.errors import ConfigError
+from brep_rl.grpo import prompt_dataset
 from brep_rl.model import load_base
-from brep_rl.training import ModelArguments, quiet_dependency_warnings, train_and_save
-from reward import guarded
-
-
-@dataclass
-class LoraArguments:
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = 32
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "PEFT target_modules"})
+from brep_rl.training import claim_output_dir, train_and_save
+from reward import guarded, reward_functions
 
 
 def run_lora_grpo(model_args: ModelArguments, lora_args: LoraArguments, data_args: GRPODataArguments, train_args: SteeringGRPOConfig) -> Path:
     """Train the adapter, save it to output_dir; returns output_dir."""
+    claim_output_dir(train_args)
     if model_args.threads:
         torch.set_num_threads(model_args.threads)
     model, tokenizer = load_base(model_args.model, dtype=model_args.dtype)
     model.train()
     problems = data_args.load_problems(train_args.seed)
-    funcs, train_args.reward_weights = reward_functions(data_args)
+    if train_args.rollout_backend not in ("auto", "transformers"):
+        raise ConfigError("--rollout_backend: LoRA rollouts run through TRL's own generation (auto or transformers), "
+                          f"got {train_args.rollout_backend!r}")
+    funcs, train_args.reward_weights = reward_functions(*data_args.reward_names(train_args.reward_weights), data_args.fallback,
+                                                         data_args.allow_reward_imports)
     peft_config = LoraConfig(r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, target_modules=lora_args.lora_target_modules,
                              task_type="CAUSAL_LM")
     trainer = GRPOTrainer(
@@ -50,14 +49,10 @@ def load_merged(model_name: str, adapter: str | Path, dtype: str = "float32"):
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from trl import TrlParser
+    """`python -m brep_rl.lora` and tests (`brep-rl lora` adds one-line errors)."""
+    from brep_rl.cli import VERBS, parse
 
-    quiet_dependency_warnings()
-    parser = TrlParser((ModelArguments, LoraArguments, GRPODataArguments, SteeringGRPOConfig))
-    model_args, lora_args, data_args, train_args = parser.parse_args_and_config(argv)
-    if train_args.rollout_backend not in ("auto", "transformers"):
-        raise ValueError(f"LoRA rollouts run through TRL's own generation; got rollout_backend={train_args.rollout_backend!r}")
-    return run_lora_grpo(model_args, lora_args, data_args, train_args)
+    return run_lora_grpo(*parse("brep-rl lora", VERBS["lora"].types, argv))
 
 
 if __name__ == "__main__":

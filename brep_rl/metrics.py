@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
+from statistics import NormalDist
 
-Z95 = 1.959963984540054
+Z95 = NormalDist().inv_cdf(0.975)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -36,7 +37,9 @@ def wilson_interval(successes: int, n: int) -> tuple[float, float]:
     denominator = 1 + Z95**2 / n
     centre = (p + Z95**2 / (2 * n)) / denominator
     half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / denominator
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact at the edges, not a rounding error away
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return (low, high)
 
 
 def mean_interval(values: Sequence[float]) -> tuple[float, float, float]:
@@ -81,5 +84,5 @@ def paired_difference(base: Sequence[float], other: Sequence[float], samples: in
         p = mcnemar_exact_p([b > 0.5 for b in base], [o > 0.5 for o in other])
     else:
         se = (high - mean) / Z95 if math.isfinite(high) else math.inf
-        p = 1.0 if se == 0 and mean == 0 else (0.0 if se == 0 else math.erfc(abs(mean / se) / math.sqrt(2)))
+        p = 1.0 if se == 0 and mean == 0 else (0.0 if se == 0 else 2 * NormalDist().cdf(-abs(mean / se)))
     return {"diff": mean, "low": low, "high": high, "p": p, "n": len(diffs)}

@@ -171,30 +171,3 @@ def freeze(model: nn.Module) -> None:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers: the ModuleList with one entry per hidden layer (llama, qwen2, mistral, ... alike)."""
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for path in ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers"):
-        obj: object = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if isinstance(obj, nn.ModuleList) and (n is None or len(obj) == n):
-            return obj
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and n is not None and len(module) == n:
-            return module
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (config.num_hidden_layers={n})")
-
-
-def site_module(layer: nn.Module, site: str, layer_index: int) -> nn.Module:
-    """The submodule `site` (e.g. "mlp.down_proj") of one decoder layer; a clear error listing what exists."""
-    try:
-        return layer.get_submodule(site)
-    except AttributeError:
-        names = [n for n, _ in layer.named_modules() if n]
-        raise ValueError(
-            f"steering site {site!r} does not exist in decoder layer {layer_index} ({type(layer).__name__}); "
-            f"available sites: {', '.join(names)}"
-        ) from None

@@ -6,10 +6,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+def _pyplot():
+    """matplotlib (the `bench` extra) is imported when a plot is drawn, not when brep_rl is: headless backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -25,6 +30,7 @@ def plot_run(run: Path) -> Path:
     norms_file = next((f for f in (run / "norms.jsonl", run.parent / "norms.jsonl") if f.is_file()), None)
     last_step = max((h["step"] for h in history), default=0)  # a checkpoint: its run's norms up to its step
     norms = [n for n in map(json.loads, norms_file.read_text().splitlines()) if n["step"] <= last_step] if norms_file else []
+    plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     panels = [
         (axes[0, 0], "reward / loss per step", ("reward", "rewards/accuracy_reward/mean", "loss")),
@@ -62,6 +68,7 @@ def plot_matrix(results: dict[str, Any], output_dir: Path) -> Path:
     base, and the training curves of every variant (reward per GRPO step, loss per SFT step)."""
     names = ["base", *results["variants"]]
     rows = [results["base"], *results["variants"].values()]
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     for ax, eval_set in zip(axes[:2], ("test", "transfer")):
         settings = results["evals"][eval_set]

@@ -9,59 +9,17 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
-from brep_rl.data import DEFAULT_INSTRUCTION, DataError, Problem, TaskArguments, chat_prompt, json_mapping, prompt_batch
-from brep_rl.evaluate import EvalSettings
-from brep_rl.training import (
-    ModelArguments, RestraintCallback, SteeringArguments, SteeringTrainerMixin, final_eval, fit_to_machine,
-    load_for_training, quiet_dependency_warnings, train_and_save,
-)
+from brep_rl.arguments import EvalSettings, ModelArguments, SFTDataArguments, SteeringArguments, SteeringSFTConfig
+from brep_rl.data import DEFAULT_INSTRUCTION, Problem, chat_prompt, json_mapping, prompt_batch
+from brep_rl.errors import DataError
+from brep_rl.training import SteeringTrainerMixin, claim_output_dir, final_eval, load_for_training, train_and_save
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class SFTDataArguments(TaskArguments):
-    task: str = field(default="gsm8k", metadata={"help": "gsm8k | math500 | rg:<name> | path.jsonl (rows need a worked solution)"})
-    solution_field: str | None = None
-    heldout: int = field(default=32, metadata={"help": "problems kept out of training, from the end of the selection, for held-out loss"})
-    truncate_prob: float = field(default=0.9, metadata={"help": "probability that an example keeps loss on the first truncate_tokens only (0: plain SFT)"})
-    truncate_tokens: int = field(default=64, metadata={"help": "answer tokens that carry loss in a truncated example"})
-    max_length: int = field(default=384, metadata={"help": "prompt + answer tokens; longer answers are cut, longer prompts dropped"})
-    eval_task: str = field(default="gsm8k", metadata={"help": "after training: a short base vs steered eval with the harness"})
-    eval_split: str = "test"
-    eval_limit: int = field(default=20, metadata={"help": "problems in that eval (0: skip it)"})
-    eval_max_new_tokens: int = 160
-    eval_rg_config: str | None = field(default=None, metadata={"help": "reasoning-gym config of eval_task, JSON"})
-
-
-@dataclass
-class SteeringSFTConfig(TrainingArguments):
-    """TrainingArguments with defaults for training a few KB of vectors on a CPU (TRL's suit full fine-tuning)."""
-
-    output_dir: str = "runs/sft"
-    learning_rate: float = 5e-3
-    lr_scheduler_type: str = "constant_with_warmup"
-    warmup_steps: float = 3
-    max_steps: int = 40
-    per_device_train_batch_size: int = 4
-    per_device_eval_batch_size: int = 8
-    weight_decay: float = 0.0
-    logging_steps: float = 5
-    save_steps: float = 20
-    save_total_limit: int | None = 2
-    remove_unused_columns: bool = False  # keep response_start for the prefix window
-    bf16: bool | None = False
-    dataloader_pin_memory: bool = False
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        fit_to_machine(self)
-        super().__post_init__()
 
 
 @dataclass
@@ -142,23 +100,19 @@ class SFTCollator:
 class SteeringSFTTrainer(SteeringTrainerMixin, Trainer):
     def __init__(self, *args, steer, **kwargs):
         super().__init__(*args, **kwargs)
-        self.steer = steer
-        self.check_steering_args()
-        self.add_callback(RestraintCallback(steer))
+        self.setup_steering(steer)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         starts = inputs.pop("response_start")
         with self.steer.window(starts):
             result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        if self.steer.config.penalty and model.training:
-            if return_outputs:
-                return result[0] + self.steer.penalty(), result[1]
-            return result + self.steer.penalty()
-        return result
+        penalty = self.steer.penalty_term(model.training)
+        return (result[0] + penalty, result[1]) if return_outputs else result + penalty
 
 
 def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args: SFTDataArguments, train_args: SteeringSFTConfig) -> SteeringSFTTrainer:
     """Train, save the artifact to output_dir, report held-out loss before/after and (main process) a short eval."""
+    claim_output_dir(train_args)
     problems = data_args.load_problems(train_args.seed, data_args.solution_field)
     if data_args.heldout >= len(problems):
         raise DataError(f"heldout={data_args.heldout} leaves no training problems out of {len(problems)}")
@@ -210,10 +164,7 @@ def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args
 
 
 def main(argv: list[str] | None = None) -> SteeringSFTTrainer:
-    """`brep-rl sft` / `scripts/sft.py`: --config YAML plus command-line overrides (TRL's parser)."""
-    from trl import TrlParser
+    """`scripts/sft.py` and tests: --config YAML plus command-line overrides (`brep-rl sft` adds one-line errors)."""
+    from brep_rl.cli import VERBS, parse
 
-    quiet_dependency_warnings()
-    parser = TrlParser((ModelArguments, SteeringArguments, SFTDataArguments, SteeringSFTConfig))
-    model_args, steer_args, data_args, train_args = parser.parse_args_and_config(argv)
-    return run_sft(model_args, steer_args, data_args, train_args)
+    return run_sft(*parse("brep-rl sft", VERBS["sft"].types, argv))

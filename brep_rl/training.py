@@ -1,74 +1,27 @@
-"""What SFT and GRPO training share: argument dataclasses, attaching trainable vectors, and a Trainer mixin
-that checkpoints the vectors only (KB, not the base), restrains them after every optimizer step, and logs norms."""
+"""What SFT and GRPO training share: attaching trainable vectors, machine checks, and a Trainer mixin that
+checkpoints the vectors only (KB, not the base), restrains them after every optimizer step, and logs norms."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import rotate_checkpoints
 
-from brep_rl.config import SteeringConfig
+from brep_rl.arguments import ModelArguments, SteeringArguments, default_threads
+from brep_rl.checkpoints import STAGING, NormsLog, last_checkpoint, prepare_output_dir, publish_checkpoint
+from brep_rl.errors import ConfigError
 from brep_rl.model import load_base
+from brep_rl.progress import use_readable_progress
 from brep_rl.steering import SteeringVectors, read_artifact
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelArguments:
-    model: str = field(default="smollm2-135m", metadata={"help": "alias, .gguf file, HF folder or hub id"})
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16 (the vectors stay fp32)"})
-    threads: int | None = field(default=None, metadata={"help": "torch CPU threads per process (default: cores / local processes)"})
-
-
-@dataclass
-class SteeringArguments:
-    mode: str = field(default="bias", metadata={"help": "bias | prefix | bias+prefix"})
-    site: str = field(default="mlp.down_proj", metadata={"help": "submodule of each decoder layer to steer"})
-    layers: str = field(default="1-", metadata={"help": "layers to steer: 'all', or indices and ranges such as '1-' "
-                        "(1 to the last; the default, which llama.cpp rollouts can apply: they cannot steer layer 0), '2-20', '0,4,8'"})
-    prefix_tokens: int = field(default=8, metadata={"help": "answer tokens covered by the prefix vector"})
-    radius: float | None = field(default=None, metadata={"help": "L2 bound per layer vector (None: unrestrained)"})
-    radius_relative: bool = field(default=False, metadata={"help": "radius as a multiple of the site's median output norm"})
-    penalty: float = field(default=0.0, metadata={"help": "weight of an L2 penalty on the vectors"})
-    init: str = field(default="zeros", metadata={"help": "zeros | normal"})
-    init_std: float = field(default=0.01)
-    init_from: str | None = field(default=None, metadata={"help": "start from a saved artifact (e.g. SFT vectors before GRPO)"})
-
-    def to_config(self, num_layers: int) -> SteeringConfig:
-        return SteeringConfig(
-            site=self.site, layers=parse_layers(self.layers, num_layers), mode=self.mode, prefix_tokens=self.prefix_tokens, radius=self.radius,
-            radius_relative=self.radius_relative, penalty=self.penalty, init=self.init, init_std=self.init_std,
-        )
-
-
-def parse_layers(spec: str | list[int], num_layers: int) -> list[int] | None:
-    """'all' -> None (every layer); '1-' -> 1..num_layers-1; '2-5,9' -> [2, 3, 4, 5, 9]; a list passes through."""
-    if isinstance(spec, list):
-        return spec
-    if spec.strip() == "all":
-        return None
-    layers: list[int] = []
-    try:
-        for part in filter(None, (p.strip() for p in spec.split(","))):
-            first, dash, last = part.partition("-")
-            start = int(first)
-            stop = (int(last) if last else num_layers - 1) if dash else start
-            layers.extend(range(start, stop + 1))
-    except ValueError:
-        raise ValueError(f"layers: expected 'all' or indices/ranges such as '1-', '2-20', '0,4,8'; got {spec!r}") from None
-    if not layers:
-        raise ValueError(f"layers: {spec!r} names no layer (the model has {num_layers}: 0..{num_layers - 1})")
-    return layers
 
 
 def load_for_training(model_args: ModelArguments, steer_args: SteeringArguments, calibration: Callable | None = None):
@@ -77,10 +30,10 @@ def load_for_training(model_args: ModelArguments, steer_args: SteeringArguments,
     `calibration(tokenizer) -> (input_ids, attention_mask)`: a batch to measure site norms on, for a relative radius.
     """
     # Deliberately: `accelerate launch` sets OMP_NUM_THREADS=1, which runs a single process at half speed on 2 cores.
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    threads = model_args.threads or max(1, (os.cpu_count() or 1) // local_processes)
+    threads = model_args.threads or default_threads()
     torch.set_num_threads(threads)
-    logger.warning("torch threads per process: %d (%d local process(es); set --threads to change)", threads, local_processes)
+    logger.warning("torch threads per process: %d (%s local process(es); set --threads to change)", threads,
+                   os.environ.get("LOCAL_WORLD_SIZE", "1"))
     model, tokenizer = load_base(model_args.model, dtype=model_args.dtype)
     if steer_args.init_from:
         steer = SteeringVectors.from_pretrained(steer_args.init_from, model)
@@ -91,10 +44,16 @@ def load_for_training(model_args: ModelArguments, steer_args: SteeringArguments,
         steer = SteeringVectors.attach(model, steer_args.to_config(model.config.num_hidden_layers))
     if steer.config.radius_relative and steer.config.site_norms is None:
         if calibration is None:
-            raise ValueError("radius_relative needs calibration data to measure the site norms")
+            raise ConfigError("radius_relative needs calibration data to measure the site norms")
         steer.calibrate(*calibration(tokenizer))
     steer.project()
     return model, tokenizer, steer
+
+
+def claim_output_dir(args) -> None:
+    """Before any work: refuse an output_dir holding a previous run unless resuming or overwriting it."""
+    prepare_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir,
+                       is_main=int(os.environ.get("RANK", "0")) == 0)
 
 
 def quiet_dependency_warnings() -> None:
@@ -102,25 +61,18 @@ def quiet_dependency_warnings() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl)\.")
 
 
-def fit_to_machine(args) -> None:
-    """For TrainingArguments subclasses, before their __post_init__: refuse what this machine cannot run, then
-    set up multi-process training on CPU."""
-    check_machine(args)
-    configure_cpu_distributed(args)
-
-
 def check_machine(args) -> None:
     """Refuse, before any work, a launch this machine cannot run."""
     if args.deepspeed and isinstance(args.deepspeed, str) and not Path(args.deepspeed).is_file():
-        raise ValueError(f"deepspeed config {args.deepspeed} not found (see configs/deepspeed/)")
+        raise ConfigError(f"--deepspeed: config {args.deepspeed} not found (see configs/deepspeed/)")
     if torch.cuda.is_available():
         return
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     cores = os.cpu_count() or 1
     if local > cores:
-        raise ValueError(f"{local} processes on this machine but only {cores} CPU cores and no GPU: launch at most {cores}")
+        raise ConfigError(f"{local} processes on this machine but only {cores} CPU cores and no GPU: launch at most {cores}")
     if args.fp16:
-        raise ValueError("fp16 training needs a GPU; on a CPU train in fp32 (the default) or bf16")
+        raise ConfigError("--fp16: fp16 training needs a GPU; on a CPU train in fp32 (the default) or bf16")
 
 
 def configure_cpu_distributed(args) -> None:
@@ -157,6 +109,17 @@ class RestraintCallback(TrainerCallback):
         self.steer.project()
 
 
+class RunStart(TrainerCallback):
+    """Once the Trainer knows where it starts (step 0, or a resumed step): the norms log forgets the steps it redoes."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.should_save:
+            self.trainer.norms_log.start(state.global_step)
+
+
 def zero3_enabled(trainer) -> bool:
     """Parameters partitioned across ranks: generation (e.g. a final eval) needs every rank, not just the first."""
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
@@ -168,9 +131,11 @@ def train_and_save(trainer) -> Path:
     then save the artifact to output_dir."""
     resume = trainer.args.resume_from_checkpoint
     if resume == "last":
-        resume = get_last_checkpoint(trainer.args.output_dir)
+        resume = last_checkpoint(trainer.args.output_dir)
         if resume is None:
             logger.warning("resume_from_checkpoint=last: no checkpoint in %s, starting fresh", trainer.args.output_dir)
+        else:
+            resume = str(resume)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     output = Path(trainer.args.output_dir)
@@ -208,12 +173,19 @@ class SteeringTrainerMixin:
 
     steer: SteeringVectors
 
-    def check_steering_args(self) -> None:
+    def setup_steering(self, steer: SteeringVectors) -> None:
+        """Call at the end of the subclass's __init__: check the arguments, restrain after every optimizer step,
+        print readable progress."""
         if getattr(self.args, "activation_checkpointing", False) or getattr(self.args, "gradient_checkpointing", False):
-            raise ValueError(
+            raise ConfigError(
                 "gradient (activation) checkpointing is not supported with steering vectors: it re-runs layer forwards during the "
                 "backward pass, outside the steering window, which would silently give wrong gradients"
             )
+        self.steer = steer
+        self.norms_log = NormsLog(self.args.output_dir)
+        self.add_callback(RestraintCallback(steer))
+        self.add_callback(RunStart(self))
+        use_readable_progress(self)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         output_dir = output_dir or self.args.output_dir
@@ -231,6 +203,22 @@ class SteeringTrainerMixin:
             return
         super()._save_optimizer_and_scheduler(output_dir)
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written whole into a staging folder by every rank, then renamed into place by the
+        main process: a kill at any moment leaves either the complete checkpoint-N or none."""
+        run = Path(self._get_output_dir(trial=trial))
+        self._get_output_dir = lambda trial=None: str(run / STAGING)  # where the Trainer writes this once
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish_checkpoint(run / STAGING / f"checkpoint-{self.state.global_step}", run)
+            rotate_checkpoints(output_dir=str(run), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         _, tensors = read_artifact(resume_from_checkpoint)
         self.steer.load_tensors(tensors, source=resume_from_checkpoint)
@@ -245,10 +233,6 @@ class SteeringTrainerMixin:
         for name, values in norms.items():
             logs[f"{name}_norm_mean"] = round(float(values.mean()), 4)
             logs[f"{name}_norm_max"] = round(float(values.max()), 4)
-        step = self.state.global_step
-        if self.args.should_save and step > 0 and step != getattr(self, "_norms_recorded_at", None):
-            self._norms_recorded_at = step  # end-of-training and evaluation logs repeat the step
-            os.makedirs(self.args.output_dir, exist_ok=True)
-            with open(Path(self.args.output_dir) / "norms.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, **{k: [round(x, 5) for x in v.tolist()] for k, v in norms.items()}}) + "\n")
+        if self.args.should_save:
+            self.norms_log.record(self.state.global_step, {k: v.tolist() for k, v in norms.items()})
         super().log(logs, *args, **kwargs)

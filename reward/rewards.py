@@ -67,4 +67,4 @@ def guarded(func):
 
 def verifier_stats() -> dict[str, float]:
     """Counters of the process-wide verifier (checks, correct, timeouts, errors) for trainers to log."""
-    return default_verifier().stats.as_dict()
+    return default_verifier().counts()

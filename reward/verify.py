@@ -123,7 +123,8 @@ class Verifier:
         self.num_workers = workers
         self.stats = VerifierStats()
         self._workers: list[_Worker] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the worker processes
+        self._stats_lock = threading.Lock()
 
     def close(self) -> None:
         with self._lock:
@@ -147,40 +148,48 @@ class Verifier:
         if len(golds) != len(predictions):
             raise ValueError(f"check: {len(golds)} gold answers for {len(predictions)} predictions")
         results: list[bool | None] = [None] * len(golds)
+        kinds: Counter = Counter()
         slow: list[int] = []
         for i, (gold, pred) in enumerate(zip(golds, predictions)):
             if gold is None or pred is None or not pred.strip():
                 results[i] = False
-                self.stats.by_kind["no_answer"] += 1
+                kinds["no_answer"] += 1
                 continue
             g, p = plain_number(gold), plain_number(pred)
             if g is not None and p is not None:
                 results[i] = g == p
-                self.stats.by_kind["number"] += 1
+                kinds["number"] += 1
             else:
                 slow.append(i)
-        failures = 0
+        timeouts, errors, last_error = 0, 0, None
         if slow:
             with self._lock:
                 outcomes = self._run([(golds[i], predictions[i]) for i in slow])
             for i, (status, value) in zip(slow, outcomes):
-                self.stats.by_kind["math_verify"] += 1
+                kinds["math_verify"] += 1
+                results[i] = bool(value) if status == "ok" else False
                 if status == "ok":
-                    results[i] = bool(value)
                     continue
-                failures += 1
-                results[i] = False
                 if status == "timeout":
-                    self.stats.timeouts += 1
+                    timeouts += 1
                 else:
-                    self.stats.errors += 1
-                    self.stats.last_error = value
+                    errors, last_error = errors + 1, value
                 logger.warning("verifier %s on prediction %.80r (gold %r): %s; scored 0", status, predictions[i], golds[i], value)
-            if failures == len(golds) and len(golds) > 1:
-                raise VerifierError(f"all {len(golds)} checks of a batch failed (last: {self.stats.last_error or 'timeout'})")
-        self.stats.checks += len(golds)
-        self.stats.correct += sum(bool(r) for r in results)
+        with self._stats_lock:  # one update per batch, so concurrent checks never lose a count
+            self.stats.by_kind.update(kinds)
+            self.stats.timeouts += timeouts
+            self.stats.errors += errors
+            self.stats.last_error = last_error or self.stats.last_error
+            self.stats.checks += len(golds)
+            self.stats.correct += sum(bool(r) for r in results)
+        if slow and timeouts + errors == len(golds) and len(golds) > 1:
+            raise VerifierError(f"all {len(golds)} checks of a batch failed (last: {last_error or 'timeout'})")
         return [bool(r) for r in results]
+
+    def counts(self) -> dict[str, float]:
+        """A consistent snapshot of the counters (checks, correct, timeouts, errors)."""
+        with self._stats_lock:
+            return self.stats.as_dict()
 
     def _run(self, jobs: list[tuple[str, str]]) -> list[tuple[str, object]]:
         """Run jobs on the worker processes; a job past the timeout gets ("timeout", ...) and its worker is replaced."""

@@ -1,8 +1,8 @@
-"""The learning-evidence matrix (issue #8): python scripts/evidence.py --config configs/evidence/smollm2_chain_sum.yaml"""
+"""The learning-evidence matrix: python scripts/evidence.py --config configs/evidence/smollm2_chain_sum.yaml (= `brep-rl evidence`)."""
 
 import sys
 
-from brep_rl.evidence import main
+from brep_rl.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["evidence", *sys.argv[1:]]))

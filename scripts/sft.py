@@ -1,6 +1,8 @@
-"""SFT entry point: `accelerate launch scripts/sft.py --config configs/sft_smollm2.yaml [--key value ...]`."""
+"""SFT entry point: `accelerate launch scripts/sft.py --config configs/sft_smollm2.yaml [--key value ...]` (= `brep-rl sft`)."""
 
-from brep_rl.sft import main
+import sys
+
+from brep_rl.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["sft", *sys.argv[1:]]))

@@ -1,8 +1,11 @@
 import json
+import subprocess
+import sys
 
 import pytest
 
-from brep_rl.data import DataError, chat_prompt, gsm8k_solution, in_split, load_jsonl_task, load_task
+from brep_rl import data
+from brep_rl.data import DataError, chat_prompt, data_root, gsm8k_solution, in_split, load_jsonl_task, load_task
 
 
 def write_jsonl(path, rows):
@@ -57,6 +60,21 @@ def test_jsonl_errors_name_file_line_and_field(tmp_path):
         load_task(str(tmp_path / "none.jsonl"))
 
 
+def test_skip_invalid_counts_malformed_lines_and_bad_rows(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "mixed.jsonl", [{"question": "q1", "answer": "1"}, "{oops", "[1, 2]",
+                                                   {"question": "q4"}, {"question": "q5", "answer": "5"}])
+    assert [p.answer for p in load_jsonl_task(path, skip_invalid=True)] == ["1", "5"]
+    assert "skipped 3 invalid line(s)" in caplog.text and "mixed.jsonl:2: not valid JSON" in caplog.text
+
+
+def test_duplicate_ids_are_refused_by_name(tmp_path):
+    path = write_jsonl(tmp_path / "dup.jsonl", [{"id": "a", "question": "q1", "answer": "1"},
+                                                {"id": "b", "question": "q2", "answer": "2"},
+                                                {"id": "a", "question": "q3", "answer": "3"}])
+    with pytest.raises(DataError, match=r"dup\.jsonl: 1 id\(s\) appear on more than one row \('a'\)"):
+        load_jsonl_task(path)
+
+
 def test_task_and_selection_errors():
     with pytest.raises(DataError, match="unknown task 'gsm9k'"):
         load_task("gsm9k")
@@ -78,3 +96,23 @@ def test_reasoning_gym_worked_solutions_become_sft_solutions():
     assert q.solution == f"{q.meta['expression']} = {q.answer}\n#### {q.answer}"  # arithmetic: the expression worked out
     [r] = load_task("rg:letter_counting", "train", limit=1)
     assert r.solution is None  # no worked solution in this dataset: SFT drops it and says so
+
+
+def test_the_data_folder_is_found_from_any_directory_or_named_by_a_variable(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # ../shared from here is not the data
+    assert (data_root() / "gsm8k" / "test.jsonl").is_file()
+    monkeypatch.setenv("BREP_RL_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match=r"BREP_RL_DATA=.*nowhere: not a folder"):
+        data_root()
+
+
+def test_a_missing_data_folder_says_where_it_looked(monkeypatch, tmp_path):
+    monkeypatch.delenv("BREP_RL_DATA", raising=False)
+    monkeypatch.setattr(data, "__file__", str(tmp_path / "brep_rl" / "data.py"))
+    with pytest.raises(DataError, match=rf"looked in {tmp_path.parent}/shared/data, {tmp_path}/shared/data; set BREP_RL_DATA"):
+        data_root()
+
+
+def test_importing_the_package_does_not_import_matplotlib():
+    code = "import sys, brep_rl, brep_rl.evidence, brep_rl.plots; sys.exit('matplotlib' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from brep_rl import SteeringConfig, SteeringVectors
+from brep_rl.arguments import EvalSettings
 from brep_rl.cli import main as cli_main
 from brep_rl.data import Problem
-from brep_rl.evaluate import EvalSettings, evaluate
+from brep_rl.evaluate import evaluate
 from brep_rl.rollout import TransformersBackend
 
 PROBLEMS = [Problem(f"p{i}", f"What is {i} + {i}?", str(2 * i)) for i in range(5)]
@@ -14,7 +15,7 @@ PROBLEMS = [Problem(f"p{i}", f"What is {i} + {i}?", str(2 * i)) for i in range(5
 
 @pytest.fixture
 def artifact(tmp_path, tokenizer):
-    from conftest import make_tiny
+    from testing_utils import make_tiny
 
     model = make_tiny("llama", len(tokenizer), tokenizer.pad_token_id)
     steer = SteeringVectors.attach(model, SteeringConfig(mode="bias+prefix"))
@@ -83,6 +84,17 @@ def test_resume_refuses_records_of_a_changed_artifact(tiny_llama, tokenizer, art
     steer.detach()
     with pytest.raises(ValueError, match=r"vec changed since .*samples.jsonl was written"):
         evaluate(tiny_llama, tokenizer, settings, [artifact], None, tmp_path / "run", problems=PROBLEMS[:2], progress=False)
+
+
+def test_summary_json_is_strict_json_with_null_for_undefined_bounds(tiny_llama, tokenizer, artifact, tmp_path):
+    settings = EvalSettings(samples=2, temperature=1.0, max_new_tokens=4, batch_size=4)
+    evaluate(tiny_llama, tokenizer, settings, [artifact], None, tmp_path / "one", problems=PROBLEMS[:1], progress=False)
+
+    def refuse(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    summary = json.loads((tmp_path / "one" / "summary.json").read_text(), parse_constant=refuse)
+    assert summary["paired_vs_base"]["vec"]["low"] is None  # one problem: the interval is undefined, not -Infinity
 
 
 def test_settings_validation():

@@ -2,7 +2,14 @@ import math
 
 import pytest
 
-from brep_rl.metrics import accuracy_interval, majority_vote, mcnemar_exact_p, paired_difference, pass_at_k, wilson_interval
+from brep_rl.metrics import (
+    accuracy_interval,
+    majority_vote,
+    mcnemar_exact_p,
+    paired_difference,
+    pass_at_k,
+    wilson_interval,
+)
 
 
 @pytest.mark.parametrize(
@@ -53,3 +60,17 @@ def test_mcnemar_and_paired_difference():
     assert d["diff"] == pytest.approx(0.5) and d["low"] > 0 and d["n"] == 20
     d4 = paired_difference([0.25, 0.5, 0.0, 0.25], [0.25, 0.5, 0.0, 0.25], samples=4)
     assert d4["diff"] == 0 and d4["p"] == 1.0
+
+
+def test_intervals_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for successes, n in [(0, 10), (3, 10), (49, 100), (100, 100), (7, 500)]:
+        ci = stats.binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert wilson_interval(successes, n) == pytest.approx((ci.low, ci.high), abs=1e-12)
+    values = [0.0, 0.25, 1.0, 0.5, 0.75, 0.0, 1.0]
+    mean = sum(values) / len(values)
+    low, high = stats.norm.interval(0.95, loc=mean, scale=stats.sem(values))
+    assert accuracy_interval(values, samples=4) == pytest.approx((mean, max(0, low), min(1, high)), abs=1e-12)
+    diff = paired_difference([0.0, 0.5, 0.25, 1.0], [0.5, 0.75, 0.25, 1.0], samples=4)
+    z = diff["diff"] / stats.sem([0.5, 0.25, 0.0, 0.0])
+    assert diff["p"] == pytest.approx(2 * stats.norm.sf(abs(z)), abs=1e-12)

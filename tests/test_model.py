@@ -8,7 +8,7 @@ import torch
 from brep_rl import SteeringConfig, SteeringVectors, load_base
 from brep_rl.cli import main as cli_main
 from brep_rl.model import gguf_to_hf_folder, smollm2_gguf
-from conftest import make_tiny
+from testing_utils import make_tiny
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

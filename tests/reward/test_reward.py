@@ -4,7 +4,12 @@ import time
 import pytest
 
 from reward import (
-    Verifier, VerifierError, accuracy_reward, extract_answer, format_reward, has_final_answer_format,
+    Verifier,
+    VerifierError,
+    accuracy_reward,
+    extract_answer,
+    format_reward,
+    has_final_answer_format,
     make_accuracy_reward,
 )
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from brep_rl import SteeringConfig, SteeringVectors
-from conftest import PROMPTS
+from testing_utils import PROMPTS, ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -57,12 +57,11 @@ def test_steered_batch_rows_generate_as_alone_on_smollm2(steered):
 
 @pytest.mark.parametrize("name", ["smollm2-chain-sum-sft", "smollm2-chain-sum-grpo"])
 def test_the_shipped_artifacts_load_on_smollm2_and_suit_llama_cpp(smollm2, name):
-    from pathlib import Path
-
-    from brep_rl.rollout import LlamaCppBackend, make_backend
+    from brep_rl.rollout import make_backend
+    from brep_rl.rollout.llama_cpp import LlamaCppBackend
 
     model, tok = smollm2
-    artifact = Path(__file__).resolve().parent.parent / "artifacts" / name
+    artifact = ROOT / "artifacts" / name
     steer = SteeringVectors.from_pretrained(artifact, model)
     try:
         assert steer.layer_ids == list(range(1, 30)) and float(steer.norms()["bias"].max()) > 0.1

@@ -1,11 +1,8 @@
-"""Generation backends: what writes the completions for GRPO and the eval harness.
-
-- `transformers`: `model.generate` through the steering hooks. Any model; exact by construction.
-- `llama.cpp`: the GGUF base with the steering vectors as llama.cpp control vectors, pushed again after every
-  update (a few KB, never the model). It runs an fp32 copy of the GGUF (`gguf_as_f32`): the weights transformers
-  runs, so the two agree to float rounding (a quantised file would add llama.cpp's int8 activations: greedy
-  outputs then part at near ties within a few dozen tokens). On 2 CPU cores it generates ~3x faster than
-  `generate` at 16 sequences.
+"""The llama.cpp backend: the GGUF base with the steering vectors as llama.cpp control vectors, pushed again after
+every update (a few KB, never the model). It runs an fp32 copy of the GGUF (`gguf_as_f32`): the weights transformers
+runs, so the two agree to float rounding (a quantised file would add llama.cpp's int8 activations: greedy outputs
+then part at near ties within a few dozen tokens). On 2 CPU cores it generates ~3x faster than `generate` at 16
+sequences.
 
 Why a bias on `mlp.down_proj` of layer l is a llama.cpp control vector: that projection adds straight into the
 residual stream, so its bias is a vector added to the layer's output, which is what a control vector is.
@@ -19,107 +16,19 @@ bias + prefix to bias alone once the first `prefix_tokens` answer tokens have be
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import importlib.util
-import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
-import torch
 
-from brep_rl.model import gguf_as_f32, gguf_path
-from brep_rl.config import SteeringConfig
-from brep_rl.steering import SteeringVectors
+from brep_rl.errors import BackendUnavailable
+from brep_rl.rollout.base import Rollouts, Sampling
+from brep_rl.rollout.sampling import sample_token
+from brep_rl.steering import SteeringConfig, SteeringVectors
 
-logger = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "transformers", "llama.cpp")
 # Architectures whose llama.cpp graph adds the control vector to each layer's output and whose HF layers add
 # mlp.down_proj's output straight into the residual stream (not true of e.g. Gemma, which norms it first).
 LLAMA_CPP_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-class BackendUnavailable(RuntimeError):
-    """The backend asked for cannot serve this model or these vectors."""
-
-
-@dataclass
-class Sampling:
-    max_new_tokens: int
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    seed: int = 0
-
-
-@dataclass
-class Rollouts:
-    prompt_ids: list[list[int]]  # one per completion
-    completion_ids: list[list[int]]  # prompt-major, n per prompt; ends with the stop token when one was sampled
-    logprobs: list[list[float]] | None  # per sampled token, log softmax(logits / temperature); None if not measured
-    seconds: float
-
-
-class Backend(Protocol):
-    name: str
-
-    def sync(self, steer: SteeringVectors | None) -> None:
-        """Make the next generations use `steer` as it is now (None or disabled: the base)."""
-
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling) -> Rollouts:
-        """`n` completions of every prompt (token ids, no padding)."""
-
-
-def hash_seed(*parts: object) -> int:
-    """A sampling seed fixed by what it is for (run seed, step, rank, ...), not by call order."""
-    return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8], 16)
-
-
-def stop_token_ids(model, tokenizer) -> set[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    eos = eos if isinstance(eos, (list, tuple)) else [eos]
-    return {i for i in (tokenizer.eos_token_id, *eos) if i is not None}
-
-
-class TransformersBackend:
-    """`model.generate` on a left-padded batch; the steering hooks inside the model see every step."""
-
-    name = "transformers"
-
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
-        self.stop_ids = stop_token_ids(model, tokenizer)
-
-    def sync(self, steer: SteeringVectors | None) -> None:
-        pass  # the hooks read the live parameters and contexts
-
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling) -> Rollouts:
-        pad = self.tokenizer.pad_token_id
-        width = max(map(len, prompt_ids))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=self.model.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=self.model.device)
-        if sampling.temperature > 0:
-            kwargs = dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                          num_return_sequences=n)
-        else:  # greedy copies are identical: decode each prompt once
-            kwargs = dict(do_sample=False)
-        torch.manual_seed(sampling.seed)
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = self.model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens, pad_token_id=pad, **kwargs,
-            )
-        if sampling.temperature <= 0:
-            out = out.repeat_interleave(n, dim=0)
-        seconds = time.perf_counter() - start
-        completions = []
-        for row in out[:, width:].tolist():
-            end = next((i + 1 for i, t in enumerate(row) if t in self.stop_ids), len(row))
-            completions.append(row[:end])
-        return Rollouts([p for p in prompt_ids for _ in range(n)], completions, None, seconds)
 
 
 class LlamaCppBackend:
@@ -287,7 +196,7 @@ class LlamaCppBackend:
         for step in range(sampling.max_new_tokens):
             feed = []
             for s in active:
-                token, logprob = _sample(next_logits[s], sampling, rng)
+                token, logprob = sample_token(next_logits[s], sampling, rng)
                 completions[s].append(token)
                 logprobs[s].append(logprob)
                 if token not in self.stop_ids and step + 1 < sampling.max_new_tokens:
@@ -300,52 +209,3 @@ class LlamaCppBackend:
             self._decode([(completions[s][-1], len(prompt_ids[s // n]) + step, s, True) for s in active])
             next_logits = {s: self._logits(i) for i, s in enumerate(active)}
         return Rollouts([p for p in prompt_ids for _ in range(n)], completions, logprobs, time.perf_counter() - start)
-
-
-def _sample(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> tuple[int, float]:
-    """(token, its log-prob under softmax(logits / temperature)): greedy at temperature 0, else top-k/top-p sampling."""
-    z = logits if sampling.temperature <= 0 else logits / sampling.temperature
-    z = z - z.max()
-    weights = np.exp(z)
-    log_total = np.log(weights.sum())
-    if sampling.temperature <= 0:
-        token = int(np.argmax(z))
-        return token, float(z[token] - log_total)
-    if sampling.top_k > 0 or sampling.top_p < 1.0:
-        order = np.argsort(-z)
-        keep = len(order) if sampling.top_k <= 0 else min(sampling.top_k, len(order))
-        if sampling.top_p < 1.0:
-            cumulative = np.cumsum(weights[order[:keep]]) / weights.sum()
-            keep = min(keep, int(np.searchsorted(cumulative, sampling.top_p)) + 1)
-        kept = np.zeros_like(weights)
-        kept[order[:keep]] = weights[order[:keep]]
-        weights = kept
-    cumulative = np.cumsum(weights)
-    token = min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")), len(z) - 1)
-    return token, float(z[token] - log_total)
-
-
-def make_backend(choice: str, model, tokenizer, model_name: str, configs: list[SteeringConfig], threads: int) -> Backend:
-    """`auto`: llama.cpp when the base is a GGUF file, llama-cpp-python is installed and it can apply every steering
-    config in `configs` exactly; otherwise transformers (the reason is logged). An explicit `llama.cpp` fails with
-    the reason."""
-    if choice not in BACKENDS:
-        raise ValueError(f"rollout backend: expected one of {', '.join(BACKENDS)}, got {choice!r}")
-    if choice == "transformers":
-        return TransformersBackend(model, tokenizer)
-    try:
-        if importlib.util.find_spec("llama_cpp") is None:
-            raise BackendUnavailable("the llama.cpp backend needs llama-cpp-python: pip install -e '.[fast]'")
-        gguf = gguf_path(model_name)
-        if gguf is None:
-            raise BackendUnavailable(f"llama.cpp needs a GGUF base (the alias 'smollm2-135m' or a .gguf file); got {model_name!r}")
-        backend = LlamaCppBackend(gguf_as_f32(gguf), stop_token_ids(model, tokenizer), threads)
-        for config in configs:
-            backend.check(config)
-    except BackendUnavailable as e:
-        if choice == "llama.cpp":
-            raise
-        logger.warning("generating with transformers: %s", e)
-        return TransformersBackend(model, tokenizer)
-    logger.warning("generating with llama.cpp (%s as fp32, %d threads)", gguf.name, threads)
-    return backend

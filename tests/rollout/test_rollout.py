@@ -2,64 +2,20 @@
 
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 from brep_rl import SteeringConfig, SteeringVectors
 from brep_rl.model import gguf_as_f32, smollm2_gguf
-from brep_rl.rollout import (
-    BackendUnavailable, LlamaCppBackend, Sampling, TransformersBackend, _sample, make_backend, stop_token_ids,
-)
-from brep_rl.training import parse_layers
-from conftest import PROMPTS
+from brep_rl.rollout import BackendUnavailable, Sampling, TransformersBackend, make_backend, stop_token_ids
+from brep_rl.rollout.llama_cpp import LlamaCppBackend
+from testing_utils import PROMPTS
 
 MORE_PROMPTS = PROMPTS + [
     "A train travels 60 km in 1.5 hours. What is its average speed?",
     "What is 15% of 80?",
     "Solve for x: 3x + 5 = 20.",
 ]
-
-
-# ---- sampling (no model) -------------------------------------------------------------------------------
-
-
-def test_greedy_picks_the_argmax_and_reports_its_log_softmax():
-    logits = np.array([1.0, 3.0, 2.0])
-    token, logprob = _sample(logits, Sampling(4), np.random.default_rng(0))
-    assert token == 1
-    assert logprob == pytest.approx(float(torch.log_softmax(torch.tensor(logits), 0)[1]))
-
-
-def test_sampling_draws_from_the_tempered_softmax():
-    logits = np.array([0.0, 1.0, 2.0, -1.0])
-    sampling = Sampling(4, temperature=0.7)
-    rng = np.random.default_rng(0)
-    draws = [_sample(logits, sampling, rng) for _ in range(20000)]
-    expected = torch.softmax(torch.tensor(logits) / 0.7, 0).numpy()
-    counts = np.bincount([t for t, _ in draws], minlength=4) / len(draws)
-    assert np.abs(counts - expected).max() < 0.015
-    assert all(lp == pytest.approx(np.log(expected[t])) for t, lp in draws[:50])
-
-
-def test_top_k_and_top_p_restrict_the_candidates():
-    logits = np.array([3.0, 2.9, 0.0, -5.0])
-    rng = np.random.default_rng(0)
-    assert {_sample(logits, Sampling(4, temperature=1.0, top_k=2), rng)[0] for _ in range(300)} == {0, 1}
-    # the two best hold ~0.93 of the mass: top_p 0.9 keeps exactly them
-    assert {_sample(logits, Sampling(4, temperature=1.0, top_p=0.9), rng)[0] for _ in range(300)} == {0, 1}
-    assert {_sample(logits, Sampling(4, temperature=1.0, top_p=0.3), rng)[0] for _ in range(100)} == {0}
-
-
-def test_layer_specs():
-    assert parse_layers("1-", 4) == [1, 2, 3]
-    assert parse_layers("all", 4) is None
-    assert parse_layers("0,2-3", 4) == [0, 2, 3]
-    with pytest.raises(ValueError, match="expected 'all' or indices"):
-        parse_layers("first", 4)
-
-
-# ---- choosing a backend -------------------------------------------------------------------------------
 
 
 def test_auto_uses_transformers_for_a_base_that_is_not_gguf(tiny_llama, tokenizer, caplog):
@@ -87,6 +43,24 @@ def test_transformers_backend_returns_what_generate_returns(tiny_llama, tokenize
     assert out.prompt_ids == [ids[0], ids[0], ids[1], ids[1]] and len(out.completion_ids) == 4
     alone = tiny_llama.generate(torch.tensor([ids[1]]), max_new_tokens=5, do_sample=False)[0, len(ids[1]):].tolist()
     assert out.completion_ids[2][: len(alone)] == alone[: len(out.completion_ids[2])]
+
+
+def test_transformers_backend_samples_with_its_own_seed_and_reports_logprobs(tiny_llama, tokenizer):
+    backend = TransformersBackend(tiny_llama, tokenizer)
+    ids = [tokenizer(p).input_ids for p in PROMPTS[:2]]
+    sampling = Sampling(6, temperature=1.0, seed=11)
+    state = torch.random.get_rng_state()
+    first = backend.generate(ids, 3, sampling)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is neither used nor reseeded
+    torch.manual_seed(123)  # whatever the global state, the call's seed decides
+    assert backend.generate(ids, 3, sampling).completion_ids == first.completion_ids
+    assert len({tuple(c) for c in first.completion_ids}) > 1
+    # each reported log-prob is log softmax of the model's logits at that token
+    prompt, completion = ids[0], first.completion_ids[0]
+    with torch.no_grad():
+        logits = tiny_llama(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1].double()
+    expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(completion)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(first.logprobs[0], dtype=torch.float64), expected, atol=1e-4)
 
 
 # ---- llama.cpp on the real SmolLM2 ---------------------------------------------------------------------

@@ -9,7 +9,7 @@ from brep_rl.model import load_base
 
 
 def test_lora_refuses_an_external_rollout_backend(tmp_path):
-    with pytest.raises(ValueError, match="LoRA rollouts run through TRL's own generation; got rollout_backend='llama.cpp'"):
+    with pytest.raises(ValueError, match=r"--rollout_backend: LoRA rollouts run through TRL's own generation \(auto or transformers\), got 'llama.cpp'"):
         main(["--output_dir", str(tmp_path), "--rollout_backend", "llama.cpp"])
 
 

@@ -9,13 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from brep_rl.errors import ConfigError
+from brep_rl.files import to_json
+
 MODES = ("bias", "prefix", "bias+prefix")
 INITS = ("zeros", "normal")
 CONFIG_NAME = "steering_config.json"
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, of the wrong type, or out of range."""
 
 
 @dataclass
@@ -32,7 +31,8 @@ class SteeringConfig:
         site's median output norm on that layer (`site_norms`, measured by `calibrate`).
     penalty: weight of an optional L2 penalty (sum of squared norms) that trainers add to the loss.
     init: `zeros` (the steered model starts as the base) or `normal` with std `init_std`.
-    base_model, hidden_size, num_hidden_layers, model_type: filled in on attach; checked on load.
+    base_model, hidden_size, num_hidden_layers, model_type, base_fingerprint: filled in on attach; checked on load
+        (the fingerprint: a few weights of the base, so vectors for one model refuse another of the same shape).
     provenance: free-form record of how the vectors were trained (trainer, data, steps, ...).
     """
 
@@ -50,6 +50,7 @@ class SteeringConfig:
     hidden_size: int | None = None
     num_hidden_layers: int | None = None
     model_type: str | None = None
+    base_fingerprint: list[float] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -91,6 +92,10 @@ class SteeringConfig:
             fail("init", f"one of {', '.join(map(repr, INITS))}", self.init)
         if not isinstance(self.init_std, (int, float)) or self.init_std < 0:
             fail("init_std", "a number >= 0", self.init_std)
+        if self.base_fingerprint is not None and not (
+            isinstance(self.base_fingerprint, list) and all(isinstance(v, (int, float)) for v in self.base_fingerprint)
+        ):
+            fail("base_fingerprint", "None or a list of numbers", self.base_fingerprint)
         if self.site_norms is not None and self.layers is not None and len(self.site_norms) != len(self.layers):
             fail("site_norms", f"one norm per steered layer ({len(self.layers)})", self.site_norms)
 
@@ -111,7 +116,7 @@ class SteeringConfig:
             raise ConfigError(f"{source}: {e}") from None
 
     def to_json_file(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        Path(path).write_text(to_json(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> SteeringConfig:

@@ -1,0 +1,395 @@
+"""Every argument of every `brep-rl` verb, as dataclasses parsed by TRL's TrlParser (a YAML `--config` plus
+command-line overrides; each flag spelled with underscores or dashes alike).
+
+A value is checked while parsing, before any model loads: choices are Literal types (argparse names the flag, the
+value and the choices), everything else is checked in `__post_init__`, naming the flag.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from transformers import TrainingArguments
+from trl import GRPOConfig
+
+from brep_rl.data import DEFAULT_INSTRUCTION, Problem, json_mapping, load_task
+from brep_rl.errors import ConfigError
+from brep_rl.steering import SteeringConfig
+
+Mode = Literal["bias", "prefix", "bias+prefix"]
+Dtype = Literal["float32", "bfloat16", "float16"]
+BackendChoice = Literal["auto", "transformers", "llama.cpp"]
+Fallback = Literal["last_number", "none"]
+
+CHAIN_SUM_2X2 = '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}'
+_LAYERS = re.compile(r"^\s*(all|\d+(-\d*)?(\s*,\s*\d+(-\d*)?)*)\s*$")
+
+
+def _positive(flag: str, value: int | float | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or isinstance(value, bool) or not value > 0:
+        raise ConfigError(f"--{flag}: expected a number > 0, got {value!r}")
+
+
+def _non_negative(flag: str, value: int | float) -> None:
+    if isinstance(value, bool) or not value >= 0:
+        raise ConfigError(f"--{flag}: expected a number >= 0, got {value!r}")
+
+
+# ---- model and steering (sft, grpo, lora) -----------------------------------------------------------------------
+
+
+@dataclass
+class ModelArguments:
+    model: str = field(default="smollm2-135m", metadata={"help": "alias, .gguf file, HF folder or hub id"})
+    dtype: Dtype = field(default="float32", metadata={"help": "base model dtype (the vectors stay fp32)"})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads per process (default: cores / local processes)"})
+
+    def __post_init__(self) -> None:
+        _positive("threads", self.threads, allow_none=True)
+
+
+def parse_layers(spec: str | list[int], num_layers: int) -> list[int] | None:
+    """'all' -> None (every layer); '1-' -> 1..num_layers-1; '2-5,9' -> [2, 3, 4, 5, 9]; a list passes through."""
+    if isinstance(spec, list):
+        return spec
+    if not _LAYERS.match(spec):
+        raise ConfigError(f"--layers: expected 'all' or indices/ranges such as '1-', '2-20', '0,4,8'; got {spec!r}")
+    if spec.strip() == "all":
+        return None
+    layers: list[int] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        first, dash, last = part.partition("-")
+        stop = (int(last) if last else num_layers - 1) if dash else int(first)
+        layers.extend(range(int(first), stop + 1))
+    if not layers:
+        raise ConfigError(f"--layers: {spec!r} names no layer (the model has {num_layers}: 0..{num_layers - 1})")
+    return layers
+
+
+@dataclass
+class SteeringArguments:
+    mode: Mode = field(default="bias", metadata={"help": "bias (every position) | prefix (prompt + first answer tokens) | bias+prefix"})
+    site: str = field(default="mlp.down_proj", metadata={"help": "submodule of each decoder layer to steer"})
+    layers: str = field(default="1-", metadata={"help": "layers to steer: 'all', or indices and ranges such as '1-' "
+                        "(1 to the last; the default, which llama.cpp rollouts can apply: they cannot steer layer 0), '2-20', '0,4,8'"})
+    prefix_tokens: int = field(default=8, metadata={"help": "answer tokens covered by the prefix vector"})
+    radius: float | None = field(default=None, metadata={"help": "L2 bound per layer vector (None: unrestrained)"})
+    radius_relative: bool = field(default=False, metadata={"help": "radius as a multiple of the site's median output norm"})
+    penalty: float = field(default=0.0, metadata={"help": "weight of an L2 penalty on the vectors"})
+    init: Literal["zeros", "normal"] = field(default="zeros", metadata={"help": "initial vectors"})
+    init_std: float = field(default=0.01)
+    init_from: str | None = field(default=None, metadata={"help": "start from a saved artifact (e.g. SFT vectors before GRPO)"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, list):
+            self.layers = ",".join(map(str, self.layers))  # a YAML list
+        parse_layers(self.layers, num_layers=1_000_000)  # the syntax now; the range once the model is known
+        if self.radius is not None:
+            _positive("radius", self.radius)
+        _non_negative("penalty", self.penalty)
+        _non_negative("prefix_tokens", self.prefix_tokens)
+
+    def to_config(self, num_layers: int) -> SteeringConfig:
+        return SteeringConfig(
+            site=self.site, layers=parse_layers(self.layers, num_layers), mode=self.mode, prefix_tokens=self.prefix_tokens,
+            radius=self.radius, radius_relative=self.radius_relative, penalty=self.penalty, init=self.init,
+            init_std=self.init_std,
+        )
+
+
+# ---- data ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskArguments:
+    """Which problems a training stage reads, and how they are put to the model (shared by SFT and GRPO)."""
+
+    task: str = field(default="gsm8k", metadata={"help": "gsm8k | math500 | rg:<name> | path.jsonl"})
+    split: str = "train"
+    limit: int | None = field(default=2000, metadata={"help": "problems to read"})
+    offset: int = 0
+    rg_config: str | None = field(default=None, metadata={"help": "reasoning-gym dataset config, JSON (or a YAML mapping)"})
+    question: str = field(default="{question}", metadata={"help": "question template over JSONL fields"})
+    answer_field: str = "answer"
+    skip_invalid: bool = False
+    instruction: str | None = DEFAULT_INSTRUCTION
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        _positive("limit", self.limit, allow_none=True)
+        _non_negative("offset", self.offset)
+        _json_flag("rg_config", self.rg_config)
+
+    def load_problems(self, seed: int, solution_field: str | None = None) -> list[Problem]:
+        return load_task(
+            self.task, self.split, self.limit, self.offset, seed, self.question, self.answer_field, solution_field,
+            json_mapping(self.rg_config), self.skip_invalid,
+        )
+
+
+def _json_flag(flag: str, value: Any) -> dict | None:
+    try:
+        return json_mapping(value)
+    except ValueError as e:
+        raise ConfigError(f"--{flag}: {e}") from None
+
+
+@dataclass
+class SFTDataArguments(TaskArguments):
+    task: str = field(default="gsm8k", metadata={"help": "gsm8k | math500 | rg:<name> | path.jsonl (rows need a worked solution)"})
+    solution_field: str | None = None
+    heldout: int = field(default=32, metadata={"help": "problems kept out of training, from the end of the selection, for held-out loss"})
+    truncate_prob: float = field(default=0.9, metadata={"help": "probability that an example keeps loss on the first truncate_tokens only (0: plain SFT)"})
+    truncate_tokens: int = field(default=64, metadata={"help": "answer tokens that carry loss in a truncated example"})
+    max_length: int = field(default=384, metadata={"help": "prompt + answer tokens; longer answers are cut, longer prompts dropped"})
+    eval_task: str = field(default="gsm8k", metadata={"help": "after training: a short base vs steered eval with the harness"})
+    eval_split: str = "test"
+    eval_limit: int = field(default=20, metadata={"help": "problems in that eval (0: skip it)"})
+    eval_max_new_tokens: int = 160
+    eval_rg_config: str | None = field(default=None, metadata={"help": "reasoning-gym config of eval_task, JSON"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.truncate_prob <= 1:
+            raise ConfigError(f"--truncate_prob: expected a probability in [0, 1], got {self.truncate_prob}")
+        _positive("truncate_tokens", self.truncate_tokens)
+        if self.max_length < 2:
+            raise ConfigError(f"--max_length: expected >= 2, got {self.max_length}")
+        _non_negative("heldout", self.heldout)
+        _non_negative("eval_limit", self.eval_limit)
+        _json_flag("eval_rg_config", self.eval_rg_config)
+
+
+@dataclass
+class GRPODataArguments(TaskArguments):
+    task: str = field(default="rg:chain_sum", metadata={"help": "gsm8k | math500 | rg:<name> | path.jsonl"})
+    rg_config: str | None = field(default=CHAIN_SUM_2X2, metadata={"help": "reasoning-gym config, JSON"})
+    fallback: Fallback = field(default="last_number", metadata={"help": "answer extraction without \\boxed{} or ####"})
+    rewards: list[str] = field(default_factory=lambda: ["accuracy"], metadata={
+        "help": "reward functions by name (reward/registry.py: accuracy, format) or module:function; weights in --reward_weights"})
+    format_reward_weight: float = field(default=0.0, metadata={"help": "shorthand: adds the format reward with this weight"})
+    extra_rewards: str | None = field(default=None, metadata={"help": "shorthand: comma-separated module:function rewards, weight 1 each"})
+    allow_reward_imports: bool = field(default=False, metadata={
+        "help": "let module:function entries of rewards / extra_rewards import code (off: registered rewards only)"})
+    eval_task: str | None = field(default=None, metadata={"help": "task of the final base vs steered eval (default: the training task)"})
+    eval_split: str = "test"
+    eval_limit: int = field(default=50, metadata={"help": "problems in the final eval (0: skip it)"})
+    eval_max_new_tokens: int | None = field(default=None, metadata={"help": "default: max_completion_length"})
+    eval_rg_config: str | None = field(default=None, metadata={"help": "default: rg_config when eval_task is the training task"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _non_negative("format_reward_weight", self.format_reward_weight)
+        _non_negative("eval_limit", self.eval_limit)
+        _positive("eval_max_new_tokens", self.eval_max_new_tokens, allow_none=True)
+        _json_flag("eval_rg_config", self.eval_rg_config)
+
+    def reward_names(self, weights: list[float] | None) -> tuple[list[str], list[float]]:
+        """(names, weights) with the shorthands folded in: --rewards/--reward_weights, then format and extras."""
+        names = list(self.rewards)
+        weights = list(weights) if weights is not None else [1.0] * len(names)
+        if self.format_reward_weight > 0 and "format" not in names:
+            names.append("format")
+            weights.append(self.format_reward_weight)
+        for extra in filter(None, (e.strip() for e in (self.extra_rewards or "").split(","))):
+            names.append(extra)
+            weights.append(1.0)
+        return names, weights
+
+
+# ---- trainer settings --------------------------------------------------------------------------------------------
+
+
+def fit_to_machine(args: TrainingArguments) -> None:
+    """For TrainingArguments subclasses, before their __post_init__: refuse what this machine cannot run, then
+    set up multi-process training on CPU."""
+    from brep_rl.training import check_machine, configure_cpu_distributed
+
+    check_machine(args)
+    configure_cpu_distributed(args)
+
+
+@dataclass
+class SteeringSFTConfig(TrainingArguments):
+    """TrainingArguments with defaults for training a few KB of vectors on a CPU (TRL's suit full fine-tuning)."""
+
+    output_dir: str = "runs/sft"
+    learning_rate: float = 5e-3
+    lr_scheduler_type: str = "constant_with_warmup"
+    warmup_steps: float = 3
+    max_steps: int = 40
+    per_device_train_batch_size: int = 4
+    per_device_eval_batch_size: int = 8
+    weight_decay: float = 0.0
+    logging_steps: float = 5
+    save_steps: float = 20
+    save_total_limit: int | None = 2
+    remove_unused_columns: bool = False  # keep response_start for the prefix window
+    bf16: bool | None = False
+    dataloader_pin_memory: bool = False
+    seed: int = 0
+    # Same seed, same machine, same thread count: the same vectors. Without it two GRPO runs part at step 2 (a
+    # backward op accumulates in a varying order; Adam turns that float noise into full-size updates); no cost here.
+    full_determinism: bool = True
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "replace a previous run in output_dir (its checkpoints, artifact and logs); without it such a folder is refused"})
+
+    def __post_init__(self) -> None:
+        fit_to_machine(self)
+        super().__post_init__()
+
+
+@dataclass
+class SteeringGRPOConfig(GRPOConfig):
+    """GRPOConfig with defaults for a few KB of vectors on a CPU (TRL's are for full fine-tuning on GPUs)."""
+
+    output_dir: str = "runs/grpo"
+    learning_rate: float = 3e-3
+    lr_scheduler_type: str = "constant"  # a warmup's first step has lr 0: a twelfth of a 12-step run lost
+    max_steps: int = 12
+    per_device_train_batch_size: int = 16
+    num_generations: int | None = 8
+    max_completion_length: int | None = 32
+    temperature: float = 0.7
+    beta: float = 0.0
+    weight_decay: float = 0.0
+    logging_steps: float = 1
+    save_steps: float = 4
+    save_total_limit: int | None = 2
+    bf16: bool | None = False
+    activation_checkpointing: bool | None = False  # it re-runs forwards outside the steering hooks
+    dataloader_pin_memory: bool = False
+    seed: int = 0
+    # Same seed, same machine, same thread count: the same vectors. Without it two GRPO runs part at step 2 (a
+    # backward op accumulates in a varying order; Adam turns that float noise into full-size updates); no cost here.
+    full_determinism: bool = True
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "replace a previous run in output_dir (its checkpoints, artifact and logs); without it such a folder is refused"})
+    rollout_backend: BackendChoice = field(default="auto", metadata={"help": "what generates the rollouts (auto: "
+                                           "llama.cpp for a GGUF base when llama-cpp-python is installed)"})
+    dynamic_sampling: bool = field(default=False, metadata={
+        "help": "drop groups whose completions all score the same and refill the batch with fresh prompts (DAPO)"})
+    max_refills: int = field(default=4, metadata={"help": "dynamic sampling: extra rounds of generation per batch, at most"})
+    # TRL's truncated importance sampling (its vLLM correction), applied to llama.cpp rollouts: per-token ratio
+    # pi_train / pi_sampler capped at vllm_importance_sampling_clip_max
+    vllm_importance_sampling_mode: str = "token_truncate"
+
+    def __post_init__(self) -> None:
+        _non_negative("max_refills", self.max_refills)
+        fit_to_machine(self)
+        super().__post_init__()
+
+
+# ---- eval ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalSettings:
+    """What the eval harness runs: problems, decoding, answer extraction, backend."""
+
+    task: str = field(default="gsm8k", metadata={"help": "gsm8k | math500 | rg:<reasoning-gym dataset> | path.jsonl"})
+    split: str = "test"
+    limit: int | None = field(default=100, metadata={"help": "number of problems"})
+    offset: int = 0
+    samples: int = field(default=1, metadata={"help": "samples per problem, for pass@k / maj@k"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    batch_size: int = field(default=16, metadata={"help": "sequences per generate call"})
+    seed: int = 0
+    instruction: str | None = field(default=DEFAULT_INSTRUCTION, metadata={"help": "appended to every question ('' for none)"})
+    system_prompt: str | None = None
+    fallback: Fallback = field(default="last_number", metadata={"help": "answer extraction when there is no \\boxed{} or ####"})
+    question: str = field(default="{question}", metadata={"help": "question template over JSONL fields, e.g. '{Body} {Question}'"})
+    answer_field: str = "answer"
+    rg_config: str | None = field(default=None, metadata={"help": "reasoning-gym dataset config as JSON (a mapping in YAML)"})
+    skip_invalid: bool = field(default=False, metadata={"help": "skip (and count) invalid JSONL rows instead of stopping"})
+    backend: BackendChoice = field(default="auto", metadata={"help": "what generates: auto picks llama.cpp for a GGUF base "
+                                   "when llama-cpp-python is installed and can apply the artifacts"})
+
+    def __post_init__(self) -> None:
+        self.rg_config = _json_flag("rg_config", self.rg_config)
+        self.instruction = self.instruction or None
+        _positive("samples", self.samples)
+        _positive("limit", self.limit, allow_none=True)
+        _non_negative("offset", self.offset)
+        _positive("batch_size", self.batch_size)
+        _positive("max_new_tokens", self.max_new_tokens)
+        _non_negative("temperature", self.temperature)
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top_p: expected a number in (0, 1], got {self.top_p}")
+        if self.samples > 1 and self.temperature <= 0:
+            raise ConfigError(f"--samples {self.samples} with --temperature {self.temperature}: greedy decoding gives "
+                              "identical samples; set a temperature > 0")
+
+
+@dataclass
+class EvalArguments(EvalSettings):
+    """`brep-rl eval`: the base and each steering artifact on the same problems."""
+
+    model: str = field(default="smollm2-135m", metadata={"help": "alias, .gguf file, HF folder or hub id"})
+    steering: list[str] = field(default_factory=list, metadata={
+        "help": "steering artifact(s) to compare with the base (repeatable)", "action": "extend"})
+    scale: str = field(default="1", metadata={"help": "comma-separated steering strengths, e.g. 0.5,1,2"})
+    output: str | None = field(default=None, metadata={"help": "folder for samples.jsonl + summary.json/.md; re-running resumes"})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads (default: all cores)"})
+    dtype: Dtype = "float32"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.scales()
+        _positive("threads", self.threads, allow_none=True)
+
+    def scales(self) -> list[float]:
+        try:
+            values = [float(s) for s in str(self.scale).split(",") if s.strip()]
+        except ValueError:
+            values = []
+        if not values or not all(math.isfinite(v) for v in values):
+            raise ConfigError(f"--scale: expected comma-separated numbers such as 0.5,1,2; got {self.scale!r}")
+        return values
+
+    def settings(self) -> EvalSettings:
+        names = EvalSettings.__dataclass_fields__
+        return EvalSettings(**{k: v for k, v in vars(self).items() if k in names})
+
+
+# ---- the other verbs -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InspectArguments:
+    """`brep-rl inspect DIR`: a saved artifact's config and per-layer norms."""
+
+    directory: str = field(metadata={"help": "a steering artifact folder"})
+    json: bool = field(default=False, metadata={"help": "machine-readable output"})
+
+
+@dataclass
+class LoraArguments:
+    """The LoRA GRPO reference (`brep-rl lora`)."""
+
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = 32
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "PEFT target_modules"})
+
+    def __post_init__(self) -> None:
+        _positive("lora_r", self.lora_r)
+
+
+@dataclass
+class EvidenceArguments:
+    """`brep-rl evidence`: the learning-evidence matrix."""
+
+    plan: str = field(metadata={"help": "matrix YAML, e.g. configs/evidence/smollm2_chain_sum.yaml", "aliases": ["--config"]})
+
+
+def default_threads() -> int:
+    """torch threads per process: the cores shared among this machine's processes of the job."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

@@ -1,0 +1,143 @@
+"""A run folder: which checkpoint to resume, whether the folder may be written, and the per-step norms log.
+
+A checkpoint is written into a staging folder, synced to disk and renamed into place (trainers call
+`publish_checkpoint`), so `checkpoint-N` is either whole or absent; `last_checkpoint` still checks that each one
+reads back and falls back to the one before, naming what it skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+from brep_rl.errors import ArtifactError, ConfigError
+from brep_rl.files import to_json
+from brep_rl.steering import CONFIG_NAME, WEIGHTS_NAME, read_artifact
+
+logger = logging.getLogger(__name__)
+
+STAGING = ".staging"  # where a checkpoint is written before it is renamed into place
+NORMS = "norms.jsonl"
+TRAINER_STATE = "trainer_state.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoints(run: str | Path) -> list[Path]:
+    """The checkpoint-N folders of a run, oldest first."""
+    found = [p for p in Path(run).iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)] if Path(run).is_dir() else []
+    return sorted(found, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (None when it can): its trainer state and vectors must read back."""
+    try:
+        json.loads((checkpoint / TRAINER_STATE).read_text())
+    except (OSError, ValueError) as e:
+        return f"{TRAINER_STATE} unreadable ({type(e).__name__})"
+    if (checkpoint / "adapter_config.json").is_file():  # a LoRA reference run: PEFT's adapter, not vectors
+        return None
+    try:
+        read_artifact(checkpoint)
+    except ArtifactError as e:
+        return str(e)
+    return None
+
+
+def last_checkpoint(run: str | Path) -> Path | None:
+    """The newest checkpoint that reads back; incomplete or corrupt ones are skipped with a warning naming them."""
+    for checkpoint in reversed(checkpoints(run)):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint
+        logger.warning("skipping checkpoint %s: %s; trying the one before", checkpoint, problem)
+    return None
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder`, and the folders themselves, to disk."""
+    for path in [*sorted(folder.rglob("*"), reverse=True), folder]:
+        fsync(path)
+
+
+def publish_checkpoint(staged: Path, run: Path) -> Path:
+    """Move a fully written checkpoint from the staging folder to `run/<its name>`: synced first, then renamed."""
+    final = run / staged.name
+    fsync_tree(staged)
+    if final.exists():  # a checkpoint of the same step from a run resumed before it: replaced whole
+        shutil.rmtree(final)
+    os.replace(staged, final)
+    fsync(run)  # the rename itself
+    return final
+
+
+def previous_run(run: Path) -> list[str]:
+    """What a training run left in `run`: checkpoints, an artifact, logs."""
+    if not run.is_dir():
+        return []
+    names = [p.name for p in checkpoints(run)]
+    return names + [n for n in (WEIGHTS_NAME, CONFIG_NAME, NORMS, TRAINER_STATE) if (run / n).exists()]
+
+
+def prepare_output_dir(output_dir: str, resume: str | None, overwrite: bool, is_main: bool) -> None:
+    """Refuse to write over a previous run unless told how: resume it, or overwrite it (its files are removed)."""
+    run = Path(output_dir)
+    found = previous_run(run)
+    if not found or resume:
+        return
+    if not overwrite:
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise ConfigError(f"--output_dir {run} holds a previous run ({shown}): pass --resume_from_checkpoint last to "
+                          "continue it, --overwrite_output_dir to replace it, or choose another --output_dir")
+    if is_main:
+        logger.warning("--overwrite_output_dir: removing the previous run in %s", run)
+        for name in [*found, STAGING, "eval", "runs"]:
+            path = run / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+
+class NormsLog:
+    """`norms.jsonl`: one line per logged step with every layer's vector norms; each step once, also across a resume."""
+
+    def __init__(self, run: str | Path):
+        self.path = Path(run) / NORMS
+        self.steps: set[int] = set()
+
+    def start(self, global_step: int) -> None:
+        """At the start of training (global_step > 0 after a resume): drop lines past it, as the run redoes them."""
+        kept = []
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a kill
+                if row.get("step", 0) <= global_step:
+                    kept.append(row)
+        self.steps = {row["step"] for row in kept}
+        if kept or self.path.exists():
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(to_json(row) + "\n" for row in kept))
+            os.replace(tmp, self.path)
+
+    def record(self, step: int, norms: dict[str, list[float]]) -> None:
+        if step <= 0 or step in self.steps:  # end-of-training and evaluation logs repeat the step
+            return
+        self.steps.add(step)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(to_json({"step": step, **{k: [round(x, 5) for x in v] for k, v in norms.items()}}) + "\n")

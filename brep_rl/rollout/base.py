@@ -1,0 +1,56 @@
+"""What every rollout backend is: the protocol, the sampling settings, the rollout record, and seeds."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Protocol
+
+from brep_rl.errors import BackendUnavailable
+from brep_rl.steering import SteeringVectors
+
+BACKENDS = ("auto", "transformers", "llama.cpp")
+
+__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "Rollouts", "Sampling", "hash_seed", "stop_token_ids"]
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int = 0
+
+
+@dataclass
+class Rollouts:
+    prompt_ids: list[list[int]]  # one per completion
+    completion_ids: list[list[int]]  # prompt-major, n per prompt; ends with the stop token when one was sampled
+    logprobs: list[list[float]] | None  # per sampled token, log softmax(logits / temperature); None if not measured
+    seconds: float
+
+
+class Backend(Protocol):
+    name: str
+
+    def sync(self, steer: SteeringVectors | None) -> None:
+        """Make the next generations use `steer` as it is now (None or disabled: the base)."""
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling) -> Rollouts:
+        """`n` completions of every prompt (token ids, no padding), sampled from a generator seeded with
+        `sampling.seed` that belongs to this call (the global RNG is never touched)."""
+
+    def close(self) -> None:
+        """Free what the backend holds outside Python (a no-op where there is nothing)."""
+
+
+def hash_seed(*parts: object) -> int:
+    """A sampling seed fixed by what it is for (run seed, step, rank, ...), not by call order."""
+    return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8], 16)
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = eos if isinstance(eos, (list, tuple)) else [eos]
+    return {i for i in (tokenizer.eos_token_id, *eos) if i is not None}

@@ -1,0 +1,80 @@
+"""The transformers backend: `model.generate` through the steering hooks (any model; exact by construction).
+
+Tokens are chosen by `sample_token` - the same function the llama.cpp backend uses - inside a logits processor, so
+both backends sample alike, the sampled tokens' log-probs come back, and the draws come from a generator owned by
+the call: generate() itself decodes greedily over the processor's choice and never touches torch's global RNG.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from brep_rl.rollout.base import Rollouts, Sampling, stop_token_ids
+from brep_rl.rollout.sampling import sample_token
+from brep_rl.steering import SteeringVectors
+
+
+class _SampleWith(LogitsProcessor):
+    """Chooses each row's next token with sample_token and records its log-prob; the scores it returns leave
+    generate()'s greedy step nothing else to pick."""
+
+    def __init__(self, sampling: Sampling):
+        self.sampling = sampling
+        self.rng = np.random.default_rng(sampling.seed)
+        self.logprobs: list[list[float]] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        rows = scores.detach().double().cpu().numpy()
+        chosen = [sample_token(row, self.sampling, self.rng) for row in rows]
+        if not self.logprobs:
+            self.logprobs = [[] for _ in chosen]
+        for record, (_, logprob) in zip(self.logprobs, chosen):
+            record.append(logprob)
+        picked = torch.full_like(scores, -torch.inf)
+        picked[torch.arange(len(chosen)), torch.tensor([token for token, _ in chosen])] = 0.0
+        return picked
+
+
+class TransformersBackend:
+    """`model.generate` on a left-padded batch; the steering hooks inside the model see every step."""
+
+    name = "transformers"
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.stop_ids = stop_token_ids(model, tokenizer)
+
+    def sync(self, steer: SteeringVectors | None) -> None:
+        pass  # the hooks read the live parameters and contexts
+
+    def close(self) -> None:
+        pass
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling) -> Rollouts:
+        greedy = sampling.temperature <= 0
+        rows = prompt_ids if greedy else [p for p in prompt_ids for _ in range(n)]  # greedy copies are identical
+        pad = self.tokenizer.pad_token_id
+        width = max(map(len, rows))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in rows], device=self.model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows], device=self.model.device)
+        chooser = _SampleWith(sampling)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens, pad_token_id=pad,
+                do_sample=False, logits_processor=LogitsProcessorList([chooser]),  # greedy over our choice
+            )
+        seconds = time.perf_counter() - start
+        completions, logprobs = [], []
+        for row, row_logprobs in zip(out[:, width:].tolist(), chooser.logprobs):
+            end = next((i + 1 for i, t in enumerate(row) if t in self.stop_ids), len(row))
+            completions.append(row[:end])
+            logprobs.append(row_logprobs[:end])
+        if greedy:
+            completions = [c for c in completions for _ in range(n)]
+            logprobs = [lp for lp in logprobs for _ in range(n)]
+        return Rollouts([p for p in prompt_ids for _ in range(n)], completions, logprobs, seconds)

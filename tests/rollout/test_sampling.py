@@ -1,0 +1,68 @@
+"""sample_token: one token from one row of logits, as both backends choose it."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+from brep_rl.rollout import Sampling
+from brep_rl.rollout.sampling import filter_logits, sample_token
+
+
+def test_greedy_picks_the_argmax_and_reports_its_log_softmax():
+    logits = np.array([1.0, 3.0, 2.0])
+    token, logprob = sample_token(logits, Sampling(4), np.random.default_rng(0))
+    assert token == 1
+    assert logprob == pytest.approx(float(torch.log_softmax(torch.tensor(logits), 0)[1]))
+
+
+def test_sampling_draws_from_the_tempered_softmax():
+    logits = np.array([0.0, 1.0, 2.0, -1.0])
+    sampling = Sampling(4, temperature=0.7)
+    rng = np.random.default_rng(0)
+    draws = [sample_token(logits, sampling, rng) for _ in range(20000)]
+    expected = torch.softmax(torch.tensor(logits) / 0.7, 0).numpy()
+    counts = np.bincount([t for t, _ in draws], minlength=4) / len(draws)
+    assert np.abs(counts - expected).max() < 0.015
+    assert all(lp == pytest.approx(np.log(expected[t])) for t, lp in draws[:50])
+
+
+def test_top_k_and_top_p_restrict_the_candidates():
+    logits = np.array([3.0, 2.9, 0.0, -5.0])
+    rng = np.random.default_rng(0)
+    assert {sample_token(logits, Sampling(4, temperature=1.0, top_k=2), rng)[0] for _ in range(300)} == {0, 1}
+    # the two best hold ~0.93 of the mass: top_p 0.9 keeps exactly them
+    assert {sample_token(logits, Sampling(4, temperature=1.0, top_p=0.9), rng)[0] for _ in range(300)} == {0, 1}
+    assert {sample_token(logits, Sampling(4, temperature=1.0, top_p=0.3), rng)[0] for _ in range(100)} == {0}
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.9), (50, 1.0), (50, 0.9), (5, 0.5), (200, 0.95), (1, 0.3)])
+def test_top_k_then_top_p_keeps_what_transformers_warpers_keep(top_k, top_p):
+    generator = torch.Generator().manual_seed(top_k * 100 + int(top_p * 100))
+    for _ in range(20):
+        logits = torch.randn(1, 1000, dtype=torch.float64, generator=generator) * 3
+        scores = logits.clone()
+        if top_k:
+            scores = TopKLogitsWarper(top_k)(None, scores)
+        if top_p < 1:
+            scores = TopPLogitsWarper(top_p)(None, scores)
+        expected = torch.isfinite(scores[0]).numpy()
+        kept = np.isfinite(filter_logits(logits[0].numpy(), top_k, top_p))
+        assert (kept == expected).all(), (int(kept.sum()), int(expected.sum()))
+
+
+def test_top_p_measures_mass_within_what_top_k_kept():
+    # after top-k 2 the two best hold all the mass between them (0.5 each): top-p 0.5 keeps one, not both
+    logits = np.array([2.0, 2.0 - 1e-9, 1.9, 1.8, 1.7])
+    assert np.isfinite(filter_logits(logits, top_k=2, top_p=0.5)).sum() == 1
+
+
+def test_a_seeded_generator_repeats_its_draws_and_leaves_the_global_rng_alone():
+    logits = np.random.default_rng(1).normal(size=50)
+    sampling = Sampling(4, temperature=1.0, top_p=0.9)
+    state = torch.random.get_rng_state()
+    first = [sample_token(logits, sampling, np.random.default_rng(7))[0] for _ in range(5)]
+    rng = np.random.default_rng(7)
+    again = [sample_token(logits, sampling, rng)[0] for _ in range(5)]
+    assert first == [again[0]] * 5 and len(set(again)) > 1
+    assert torch.equal(torch.random.get_rng_state(), state)

@@ -1,0 +1,105 @@
+"""The argument layer: every verb's flags, checked while parsing, before any model loads."""
+
+import subprocess
+import sys
+
+import pytest
+
+from brep_rl.arguments import GRPODataArguments, parse_layers
+from brep_rl.cli import VERBS, main, parse
+from brep_rl.errors import DataError
+from testing_utils import ROOT
+
+
+def test_layer_specs():
+    assert parse_layers("1-", 4) == [1, 2, 3]
+    assert parse_layers("all", 4) is None
+    assert parse_layers("0,2-3", 4) == [0, 2, 3]
+    with pytest.raises(ValueError, match="expected 'all' or indices"):
+        parse_layers("first", 4)
+
+
+# ---- choosing a backend -------------------------------------------------------------------------------
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "brep_rl.cli", *argv], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["sft", "--mode", "bais", "--max_steps", "1", "--output_dir", "x"], ["--mode", "'bais'", "bias+prefix"]),
+    (["grpo", "--rollout_backend", "vllm"], ["--rollout_backend", "'vllm'", "llama.cpp"]),
+    (["eval", "--fallback", "first"], ["--fallback", "'first'", "last_number"]),
+])
+def test_a_bad_choice_fails_while_parsing_in_one_line(argv, names, tmp_path):
+    proc = run_cli(*argv)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith(f"brep-rl {argv[0]}: error:") and all(n in lines[0] for n in names), lines[0]
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sft", "--layers", "x"], "--layers: expected 'all' or indices"),
+    (["eval", "--scale", "abc"], "--scale: expected comma-separated numbers"),
+    (["eval", "--limit", "-3"], "--limit: expected a number > 0, got -3"),
+    (["grpo", "--limit", "0"], "--limit: expected a number > 0, got 0"),
+    (["eval", "--samples", "4"], "--samples 4 with --temperature 0.0"),
+    (["eval", "--rg_config", "{bad"], "--rg_config: expected a JSON object"),
+    (["sft", "--truncate_prob", "2"], "--truncate_prob: expected a probability"),
+    (["grpo", "--no_such_flag", "1"], "no_such_flag"),
+    (["grpo", "--config", "missing.yaml"], "missing.yaml"),
+])
+def test_a_bad_value_names_the_flag_in_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_flags_take_dashes_or_underscores_and_repeat(tmp_path):
+    (args,) = parse("brep-rl eval", VERBS["eval"].types, [
+        "--max-new-tokens", "7", "--batch_size", "3", "--steering", "a", "--steering", "b", "c", "--scale", "0.5,1"])
+    assert (args.max_new_tokens, args.batch_size, args.steering, args.scales()) == (7, 3, ["a", "b", "c"], [0.5, 1.0])
+    config = tmp_path / "eval.yaml"
+    config.write_text("task: rg:chain_sum\nrg_config: {min_terms: 2}\nlimit: 5\n")
+    (args,) = parse("brep-rl eval", VERBS["eval"].types, ["--config", str(config), "--limit", "9"])
+    assert (args.task, args.rg_config, args.limit) == ("rg:chain_sum", {"min_terms": 2}, 9)
+
+
+def test_the_shipped_configs_parse():
+    for config in sorted((ROOT / "configs").glob("*.yaml")):
+        verb = "sft" if config.name.startswith("sft") else "grpo"
+        parsed = parse(f"brep-rl {verb}", VERBS[verb].types, ["--config", str(config)])
+        assert parsed[-1].output_dir, config
+
+
+def test_rewards_are_named_with_weights():
+    data = GRPODataArguments(rewards=["accuracy"], format_reward_weight=0.2, extra_rewards="testing_utils:text_length")
+    assert data.reward_names(None) == (["accuracy", "format", "testing_utils:text_length"], [1.0, 0.2, 1.0])
+    assert GRPODataArguments(rewards=["accuracy", "format"]).reward_names([1.0, 0.5]) == (["accuracy", "format"], [1.0, 0.5])
+
+
+def test_every_verb_has_a_full_help():
+    for verb in VERBS:
+        proc = run_cli(verb, "--help")
+        assert proc.returncode == 0 and f"usage: brep-rl {verb}" in proc.stdout, proc.stderr[-500:]
+    assert "--learning_rate" in run_cli("grpo", "--help").stdout
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    def user_error(*args):
+        raise DataError("rows.jsonl:3: missing field 'answer'")
+
+    monkeypatch.setattr(VERBS["inspect"], "run", user_error)
+    assert main(["inspect", "some/dir"]) == 2
+    assert capsys.readouterr().err.strip() == "brep-rl inspect: error: rows.jsonl:3: missing field 'answer'"
+
+    def bug(*args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(VERBS["inspect"], "run", bug)
+    with pytest.raises(KeyError):
+        main(["inspect", "some/dir"])
