@@ -1,0 +1,53 @@
+"""Dynamic sampling: batches of groups with a signal, refilled from fresh prompts, capped, never smaller."""
+
+import json
+
+from brep_rl import grpo
+from brep_rl.dynamic_sampling import ScoredGroup, informative_groups
+from testing_utils import grpo_args, rare_hit
+
+
+def group(name: str, accuracies: list[float]) -> ScoredGroup:
+    return ScoredGroup(rows=[{"id": name}] * len(accuracies), rollout=name, accuracies=accuracies)
+
+
+def test_groups_without_signal_are_replaced_by_fresh_informative_ones():
+    first = [group("a", [1, 0]), group("b", [0, 0]), group("c", [1, 1]), group("d", [0, 1])]
+    draws = []
+
+    def draw(count, round_):
+        draws.append((count, round_))
+        return [group(f"r{round_}-{i}", [0, 0] if i == 0 and round_ == 1 else [1, 0]) for i in range(count)]
+
+    batch, stats = informative_groups(first, draw, max_refills=4)
+    assert [g.rollout for g in batch] == ["a", "d", "r1-1", "r2-0"]
+    assert draws == [(2, 1), (1, 2)]
+    assert stats.zero_variance_before == 0.5 and stats.zero_variance_after == 0.0
+    assert stats.as_metrics(4)["dynamic/extra_generation"] == (4 + 2 + 1) / 4 - 1
+
+
+def test_the_refill_cap_tops_the_batch_up_with_dropped_groups():
+    first = [group("a", [1, 0]), group("b", [0, 0]), group("c", [1, 1])]
+    batch, stats = informative_groups(first, lambda count, round_: [group("x", [0, 0])] * count, max_refills=2)
+    assert [g.rollout for g in batch] == ["a", "b", "c"] and stats.refills == 2
+    assert stats.zero_variance_after == 2 / 3
+    batch, stats = informative_groups(first, lambda count, round_: [], max_refills=0)
+    assert len(batch) == 3 and stats.generated_groups == 3
+
+
+def test_grpo_with_dynamic_sampling_trains_on_the_groups_it_scored(tiny_model_dir, tmp_path, monkeypatch):
+    # the filter and TRL's reward read the same binary reward, which varies on a random model
+    monkeypatch.setattr(grpo, "reward_function", lambda name, fallback: rare_hit)
+    out = tmp_path / "dyn"
+    trainer = grpo.main(grpo_args(tiny_model_dir, out, "--dynamic_sampling", "true", "--rollout_backend", "transformers",
+                                  "--max_refills", "3", "--rewards", "testing_utils:rare_hit", "--extra_rewards", "",
+                                  "--max_steps", "4", "--per_device_train_batch_size", "8"))
+    logs = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "reward" in h]
+    assert len(logs) == 4
+    for log in logs:
+        assert 0 <= log["dynamic/zero_variance_after"] <= log["dynamic/zero_variance_before"] <= 1
+        assert log["dynamic/extra_generation"] == 0 or log["dynamic/refills"] >= 1
+        # TRL trained on the very rollouts the filter scored: the same groups are without signal
+        assert log["frac_reward_zero_std"] == log["dynamic/zero_variance_after"]
+    assert any(log["dynamic/zero_variance_before"] > 0 for log in logs)  # there was something to filter
+    assert trainer._stash == {}  # every stashed rollout was used
