@@ -108,28 +108,29 @@ class SteeringArguments:
 
 @dataclass
 class TaskArguments:
-    """Which problems a training stage reads, and how they are put to the model (shared by SFT and GRPO)."""
+    """Which problems are read, and how they are put to the model (training stages and the eval harness alike)."""
 
-    task: str = field(default="gsm8k", metadata={"help": "gsm8k | math500 | rg:<name> | path.jsonl"})
+    task: str = field(default="gsm8k", metadata={"help": "gsm8k | math500 | rg:<reasoning-gym dataset> | path.jsonl"})
     split: str = "train"
-    limit: int | None = field(default=2000, metadata={"help": "problems to read"})
+    limit: int | None = field(default=2000, metadata={"help": "number of problems"})
     offset: int = 0
-    rg_config: str | None = field(default=None, metadata={"help": "reasoning-gym dataset config, JSON (or a YAML mapping)"})
-    question: str = field(default="{question}", metadata={"help": "question template over JSONL fields"})
+    rg_config: str | None = field(default=None, metadata={"help": "reasoning-gym dataset config as JSON (a mapping in YAML)"})
+    question: str = field(default="{question}", metadata={"help": "question template over JSONL fields, e.g. '{Body} {Question}'"})
     answer_field: str = "answer"
-    skip_invalid: bool = False
-    instruction: str | None = DEFAULT_INSTRUCTION
+    skip_invalid: bool = field(default=False, metadata={"help": "skip (and count) invalid JSONL lines instead of stopping"})
+    instruction: str | None = field(default=DEFAULT_INSTRUCTION, metadata={"help": "appended to every question ('' for none)"})
     system_prompt: str | None = None
 
     def __post_init__(self) -> None:
+        self.rg_config = _json_flag("rg_config", self.rg_config)
+        self.instruction = self.instruction or None
         _positive("limit", self.limit, allow_none=True)
         _non_negative("offset", self.offset)
-        _json_flag("rg_config", self.rg_config)
 
     def load_problems(self, seed: int, solution_field: str | None = None) -> list[Problem]:
         return load_task(
             self.task, self.split, self.limit, self.offset, seed, self.question, self.answer_field, solution_field,
-            json_mapping(self.rg_config), self.skip_invalid,
+            self.rg_config, self.skip_invalid,
         )
 
 
@@ -163,7 +164,7 @@ class SFTDataArguments(TaskArguments):
             raise ConfigError(f"--max_length: expected >= 2, got {self.max_length}")
         _non_negative("heldout", self.heldout)
         _non_negative("eval_limit", self.eval_limit)
-        _json_flag("eval_rg_config", self.eval_rg_config)
+        self.eval_rg_config = _json_flag("eval_rg_config", self.eval_rg_config)
 
 
 @dataclass
@@ -188,7 +189,7 @@ class GRPODataArguments(TaskArguments):
         _non_negative("format_reward_weight", self.format_reward_weight)
         _non_negative("eval_limit", self.eval_limit)
         _positive("eval_max_new_tokens", self.eval_max_new_tokens, allow_none=True)
-        _json_flag("eval_rg_config", self.eval_rg_config)
+        self.eval_rg_config = _json_flag("eval_rg_config", self.eval_rg_config)
 
     def reward_names(self, weights: list[float] | None) -> tuple[list[str], list[float]]:
         """(names, weights) with the shorthands folded in: --rewards/--reward_weights, then format and extras."""
@@ -290,35 +291,25 @@ class SteeringGRPOConfig(GRPOConfig):
 
 
 @dataclass
-class EvalSettings:
-    """What the eval harness runs: problems, decoding, answer extraction, backend."""
+class EvalSettings(TaskArguments):
+    """What the eval harness runs: problems (as TaskArguments, from the test split), decoding, answer extraction,
+    backend."""
 
-    task: str = field(default="gsm8k", metadata={"help": "gsm8k | math500 | rg:<reasoning-gym dataset> | path.jsonl"})
     split: str = "test"
     limit: int | None = field(default=100, metadata={"help": "number of problems"})
-    offset: int = 0
     samples: int = field(default=1, metadata={"help": "samples per problem, for pass@k / maj@k"})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
     top_p: float = 1.0
     max_new_tokens: int = 256
     batch_size: int = field(default=16, metadata={"help": "sequences per generate call"})
     seed: int = 0
-    instruction: str | None = field(default=DEFAULT_INSTRUCTION, metadata={"help": "appended to every question ('' for none)"})
-    system_prompt: str | None = None
     fallback: Fallback = field(default="last_number", metadata={"help": "answer extraction when there is no \\boxed{} or ####"})
-    question: str = field(default="{question}", metadata={"help": "question template over JSONL fields, e.g. '{Body} {Question}'"})
-    answer_field: str = "answer"
-    rg_config: str | None = field(default=None, metadata={"help": "reasoning-gym dataset config as JSON (a mapping in YAML)"})
-    skip_invalid: bool = field(default=False, metadata={"help": "skip (and count) invalid JSONL rows instead of stopping"})
     backend: BackendChoice = field(default="auto", metadata={"help": "what generates: auto picks llama.cpp for a GGUF base "
                                    "when llama-cpp-python is installed and can apply the artifacts"})
 
     def __post_init__(self) -> None:
-        self.rg_config = _json_flag("rg_config", self.rg_config)
-        self.instruction = self.instruction or None
+        super().__post_init__()
         _positive("samples", self.samples)
-        _positive("limit", self.limit, allow_none=True)
-        _non_negative("offset", self.offset)
         _positive("batch_size", self.batch_size)
         _positive("max_new_tokens", self.max_new_tokens)
         _non_negative("temperature", self.temperature)

@@ -20,6 +20,7 @@ from brep_rl.errors import DataError
 
 logger = logging.getLogger(__name__)
 
+MAX_RG_DRAWS = 400_000  # reasoning-gym entries drawn at most to find the distinct problems asked for
 DEFAULT_INSTRUCTION = "Solve the problem. End with the final answer on its own line as '#### <answer>'."
 _CALCULATOR_NOTE = re.compile(r"<<[^>]*>>")
 
@@ -190,29 +191,43 @@ def rg_solution(meta: dict[str, Any], answer: str) -> str | None:
 
 
 def load_reasoning_gym(name: str, split: str, size: int, seed: int = 0, config: dict[str, Any] | None = None) -> list[Problem]:
-    """`size` distinct problems of a reasoning-gym dataset in the given split (train/test disjoint by question)."""
+    """`size` distinct problems of a reasoning-gym dataset in the given split (train/test disjoint by question).
+
+    Entries are drawn in index order (entry i depends only on the seed and i), in growing batches until `size`
+    distinct questions of the split are found or a batch finds none new (or MAX_RG_DRAWS are drawn): then the
+    dataset has no more, and the warning says how many there are."""
     import reasoning_gym
 
     if split not in ("train", "test"):
         raise DataError(f"reasoning-gym tasks have splits 'train' and 'test', got {split!r}")
-    try:
-        generated = reasoning_gym.create_dataset(name, size=size * 10 + 50, seed=seed, **(config or {}))
-    except (KeyError, ValueError, TypeError) as e:
-        raise DataError(f"reasoning-gym dataset {name!r} with config {config or {}}: {e}") from None
-    problems, seen = [], set()
-    for index, entry in enumerate(generated):
-        question = entry["question"]
-        if question in seen or not in_split(question, split):
-            continue
-        seen.add(question)
-        meta = {k: v for k, v in entry.get("metadata", {}).items() if isinstance(v, (str, int, float, bool))}
-        answer = str(entry["answer"])
-        solution = rg_solution(meta, answer)
-        problems.append(Problem(f"rg-{name}-{split}-{seed}-{index}", question, answer, solution, meta))
-        if len(problems) == size:
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    drawn, draws = 0, size * 10 + 50
+    while len(problems) < size:
+        try:
+            generated = reasoning_gym.create_dataset(name, size=draws, seed=seed, **(config or {}))
+        except (KeyError, ValueError, TypeError) as e:
+            raise DataError(f"reasoning-gym dataset {name!r} with config {config or {}}: {e}") from None
+        found_before = len(seen)
+        for index in range(drawn, draws):
+            entry = generated[index]
+            question = entry["question"]
+            if question in seen:
+                continue
+            seen.add(question)
+            if not in_split(question, split):
+                continue
+            meta = {k: v for k, v in entry.get("metadata", {}).items() if isinstance(v, (str, int, float, bool))}
+            answer = str(entry["answer"])
+            problems.append(Problem(f"rg-{name}-{split}-{seed}-{index}", question, answer, rg_solution(meta, answer), meta))
+            if len(problems) == size:
+                break
+        exhausted = len(seen) == found_before or draws >= MAX_RG_DRAWS  # a batch of repeats only: nothing new left
+        if len(problems) < size and exhausted:
+            logger.warning("reasoning-gym %s %s: only %d distinct %s problems exist (%d distinct questions in %d "
+                           "draws); asked for %d", name, config or {}, len(problems), split, len(seen), draws, size)
             break
-    if len(problems) < size:
-        logger.warning("reasoning-gym %s: only %d distinct %s problems available (asked for %d)", name, len(problems), split, size)
+        drawn, draws = draws, draws * 2
     return problems
 
 

@@ -215,22 +215,42 @@ def summarize(store: RecordStore, problems: list[Problem], variants: list[Varian
             "tokens_per_s": tokens / seconds if seconds > 0 else math.nan,
         }
     paired = {label: paired_difference(per_problem[BASE], scores, k) for label, scores in per_problem.items() if label != BASE}
-    return {"settings": dataclasses.asdict(settings), "problem_ids": [p.id for p in problems], "models": results, "paired_vs_base": paired}
+    summary = {"settings": dataclasses.asdict(settings), "problem_ids": [p.id for p in problems], "models": results,
+               "paired_vs_base": paired}
+    steered = [label for label in per_problem if label != BASE]
+    if len(steered) > 1:  # each later variant against the first: a new stage against the one it builds on
+        reference = steered[0]
+        summary["reference"] = reference
+        summary["paired_vs_reference"] = {
+            label: paired_difference(per_problem[reference], per_problem[label], k) for label in steered[1:]}
+    return summary
+
+
+def _delta(d: dict[str, float] | None) -> tuple[str, str]:
+    """(difference with its interval, p-value) in points, or dashes."""
+    if not d:
+        return "–", "–"
+    bounds = "undefined" if d["low"] is None or not math.isfinite(d["low"]) else f"{100 * d['low']:+.1f}, {100 * d['high']:+.1f}"
+    return f"{100 * d['diff']:+.1f} ({bounds})", f"{d['p']:.3g}"
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
     k = summary["settings"]["samples"]
+    reference = summary.get("reference")
     head = f"| model | n | accuracy (95% CI) | pass@{k} | maj@{k} | format | mean tokens | tokens/s | Δ vs base (95% CI) | p |"
+    if reference:
+        head += f" Δ vs {reference} (95% CI) | p |"
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for label, m in summary["models"].items():
-        d = summary["paired_vs_base"].get(label)
-        delta = f"{100 * d['diff']:+.1f} ({100 * d['low']:+.1f}, {100 * d['high']:+.1f})" if d else "–"
-        p = f"{d['p']:.3g}" if d else "–"
-        lines.append(
+        delta, p = _delta(summary["paired_vs_base"].get(label))
+        row = (
             f"| {label} | {m['problems']} | {100 * m['accuracy']:.1f}% ({100 * m['accuracy_low']:.1f}–{100 * m['accuracy_high']:.1f}) "
             f"| {100 * m[f'pass@{k}']:.1f}% | {100 * m[f'maj@{k}']:.1f}% | {100 * m['format_rate']:.0f}% | {m['mean_tokens']:.0f} "
             f"| {m['tokens_per_s']:.1f} | {delta} | {p} |"
         )
+        if reference:
+            row += " {} | {} |".format(*_delta(summary["paired_vs_reference"].get(label)))
+        lines.append(row)
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from brep_rl.arguments import EvalSettings, GRPODataArguments, ModelArguments, SteeringArguments, SteeringGRPOConfig
-from brep_rl.data import json_mapping, prompt_batch
+from brep_rl.data import prompt_batch
 from brep_rl.dynamic_sampling import ScoredGroup, informative_groups
 from brep_rl.errors import ConfigError, DataError
 from brep_rl.rollout import Backend, Sampling, TransformersBackend, hash_seed, make_backend
@@ -301,7 +301,7 @@ def run_grpo(model_args: ModelArguments, steer_args: SteeringArguments, data_arg
 
     model, tokenizer, steer = load_for_training(model_args, steer_args, calibration)
     steer.config.provenance = {**steer.config.provenance, "stage": "grpo", "task": data_args.task, "split": data_args.split,
-                               "rg_config": json_mapping(data_args.rg_config)}
+                               "rg_config": data_args.rg_config}
     backend = make_backend(train_args.rollout_backend, model, tokenizer, model_args.model, [steer.config], torch.get_num_threads())
     trainer = SteeringGRPOTrainer(
         model=model, steer=steer, args=train_args, backend=backend, reward_funcs=[guarded(f) for f in funcs],
@@ -323,7 +323,7 @@ def eval_settings(data_args: GRPODataArguments, train_args: SteeringGRPOConfig) 
         task=data_args.task if same_task else data_args.eval_task, split=data_args.eval_split, limit=data_args.eval_limit,
         max_new_tokens=data_args.eval_max_new_tokens or train_args.max_completion_length, instruction=data_args.instruction,
         system_prompt=data_args.system_prompt, fallback=data_args.fallback, seed=train_args.seed,
-        rg_config=json_mapping(data_args.eval_rg_config if data_args.eval_rg_config or not same_task else data_args.rg_config),
+        rg_config=data_args.eval_rg_config if data_args.eval_rg_config or not same_task else data_args.rg_config,
         backend=train_args.rollout_backend,
     )
 

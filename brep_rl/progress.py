@@ -12,6 +12,7 @@ HEADLINE = (
     ("reward", "reward", "{:.3f}"),
     ("accuracy", "rewards/accuracy_reward/mean", "{:.0%}"),
     ("no signal", "frac_reward_zero_std", "{:.0%}"),
+    ("no signal drawn", "dynamic/zero_variance_before", "{:.0%}"),
     ("s/step", "step_time", "{:.1f}"),
     ("held-out loss", "eval_loss", "{:.4f}"),
     ("runtime", "train_runtime", "{:.0f}s"),

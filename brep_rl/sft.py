@@ -15,7 +15,7 @@ import torch
 from transformers import Trainer
 
 from brep_rl.arguments import EvalSettings, ModelArguments, SFTDataArguments, SteeringArguments, SteeringSFTConfig
-from brep_rl.data import DEFAULT_INSTRUCTION, Problem, chat_prompt, json_mapping, prompt_batch
+from brep_rl.data import DEFAULT_INSTRUCTION, Problem, chat_prompt, prompt_batch
 from brep_rl.errors import DataError
 from brep_rl.training import SteeringTrainerMixin, claim_output_dir, final_eval, load_for_training, train_and_save
 
@@ -158,7 +158,7 @@ def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args
         final_eval(trainer, tokenizer, EvalSettings(
             task=data_args.eval_task, split=data_args.eval_split, limit=data_args.eval_limit,
             max_new_tokens=data_args.eval_max_new_tokens, instruction=data_args.instruction,
-            system_prompt=data_args.system_prompt, rg_config=json_mapping(data_args.eval_rg_config), seed=train_args.seed,
+            system_prompt=data_args.system_prompt, rg_config=data_args.eval_rg_config, seed=train_args.seed,
         ))
     return trainer
 

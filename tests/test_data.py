@@ -116,3 +116,13 @@ def test_a_missing_data_folder_says_where_it_looked(monkeypatch, tmp_path):
 def test_importing_the_package_does_not_import_matplotlib():
     code = "import sys, brep_rl, brep_rl.evidence, brep_rl.plots; sys.exit('matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_reasoning_gym_draws_until_enough_distinct_problems_and_says_when_there_are_not(caplog):
+    two_digits = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
+    # 1,100 distinct test problems: more than the first 11,050 draws hold (968)
+    problems = load_task("rg:chain_sum", "test", offset=1000, limit=100, rg_config=two_digits)
+    assert len({p.question for p in problems}) == 100
+    one_digit = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}  # a few hundred sums in all
+    few = load_task("rg:chain_sum", "test", limit=500, rg_config=one_digit)
+    assert len(few) < 500 and f"only {len(few)} distinct test problems exist" in caplog.text

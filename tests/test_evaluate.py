@@ -31,6 +31,9 @@ def test_eval_compares_base_and_steered_and_writes_reports(tiny_llama, tokenizer
     summary = evaluate(tiny_llama, tokenizer, settings, [artifact], [0.5, 1.0], out, problems=PROBLEMS, progress=False)
     assert list(summary["models"]) == ["base", "vec@0.5", "vec@1"]
     assert set(summary["paired_vs_base"]) == {"vec@0.5", "vec@1"}
+    # later variants are paired with the first steered one too: a stage against the one it builds on
+    assert summary["reference"] == "vec@0.5" and set(summary["paired_vs_reference"]) == {"vec@1"}
+    assert "Δ vs vec@0.5 (95% CI)" in (out / "summary.md").read_text()
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 3 * 5 * 2
     assert set(records[0]) >= {"model", "problem_id", "sample", "prompt", "completion", "extracted", "gold", "correct", "tokens"}
