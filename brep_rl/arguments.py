@@ -204,6 +204,39 @@ class GRPODataArguments(TaskArguments):
         return names, weights
 
 
+@dataclass
+class ValidationArguments:
+    """Greedy accuracy on held-out problems every `validation_steps` optimizer steps during training, the best vectors
+    kept in output_dir/best (off while validation_steps is 0)."""
+
+    validation_steps: int = field(default=0, metadata={"help": "validate every N steps (0: never)"})
+    validation_task: str | None = field(default=None, metadata={"help": "default: the training task"})
+    validation_split: str = field(default="train", metadata={"help": "never the test split: choosing on it biases the test"})
+    validation_offset: int | None = field(default=None, metadata={
+        "help": "default: right after the training problems (offset + limit of the training task)"})
+    validation_limit: int = 100
+    validation_rg_config: str | None = field(default=None, metadata={"help": "default: the training task's"})
+    validation_max_new_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        _non_negative("validation_steps", self.validation_steps)
+        _positive("validation_limit", self.validation_limit)
+        _positive("validation_max_new_tokens", self.validation_max_new_tokens)
+        self.validation_rg_config = _json_flag("validation_rg_config", self.validation_rg_config)
+        if self.validation_split == "test":
+            raise ConfigError("--validation_split: choosing checkpoints on the test split biases the test; use train "
+                              "(problems after the training ones) or another split")
+
+    def problems(self, data: TaskArguments, seed: int) -> list[Problem]:
+        same_task = self.validation_task in (None, data.task)
+        offset = self.validation_offset if self.validation_offset is not None else data.offset + (data.limit or 0)
+        return load_task(
+            data.task if same_task else self.validation_task, self.validation_split, self.validation_limit, offset,
+            seed, data.question, data.answer_field,
+            rg_config=self.validation_rg_config or (data.rg_config if same_task else None),
+        )
+
+
 # ---- trainer settings --------------------------------------------------------------------------------------------
 
 

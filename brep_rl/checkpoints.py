@@ -102,7 +102,7 @@ def prepare_output_dir(output_dir: str, resume: str | None, overwrite: bool, is_
                           "continue it, --overwrite_output_dir to replace it, or choose another --output_dir")
     if is_main:
         logger.warning("--overwrite_output_dir: removing the previous run in %s", run)
-        for name in [*found, STAGING, "eval", "runs"]:
+        for name in [*found, STAGING, "eval", "runs", "validation.jsonl", "best"]:
             path = run / name
             if path.is_dir():
                 shutil.rmtree(path)
@@ -110,15 +110,16 @@ def prepare_output_dir(output_dir: str, resume: str | None, overwrite: bool, is_
                 path.unlink()
 
 
-class NormsLog:
-    """`norms.jsonl`: one line per logged step with every layer's vector norms; each step once, also across a resume."""
+class StepLog:
+    """A JSONL file with one row per training step (per-layer norms, validation accuracy): each step once, also
+    across a resume, which redoes the steps after its checkpoint."""
 
-    def __init__(self, run: str | Path):
-        self.path = Path(run) / NORMS
-        self.steps: set[int] = set()
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.rows: dict[int, dict] = {}
 
     def start(self, global_step: int) -> None:
-        """At the start of training (global_step > 0 after a resume): drop lines past it, as the run redoes them."""
+        """At the start of training (global_step > 0 after a resume): drop the rows past it."""
         kept = []
         if self.path.is_file():
             for line in self.path.read_text().splitlines():
@@ -128,16 +129,16 @@ class NormsLog:
                     continue  # a line cut short by a kill
                 if row.get("step", 0) <= global_step:
                     kept.append(row)
-        self.steps = {row["step"] for row in kept}
-        if kept or self.path.exists():
+        self.rows = {row["step"]: row for row in kept}
+        if self.path.exists():
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(to_json(row) + "\n" for row in kept))
             os.replace(tmp, self.path)
 
-    def record(self, step: int, norms: dict[str, list[float]]) -> None:
-        if step <= 0 or step in self.steps:  # end-of-training and evaluation logs repeat the step
+    def record(self, step: int, values: dict) -> None:
+        if step < 0 or step in self.rows:  # end-of-training and evaluation logs repeat the step
             return
-        self.steps.add(step)
+        self.rows[step] = {"step": step, **values}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
-            f.write(to_json({"step": step, **{k: [round(x, 5) for x in v] for k, v in norms.items()}}) + "\n")
+            f.write(to_json(self.rows[step]) + "\n")

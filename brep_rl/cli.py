@@ -25,6 +25,7 @@ from brep_rl.arguments import (
     SteeringArguments,
     SteeringGRPOConfig,
     SteeringSFTConfig,
+    ValidationArguments,
 )
 from brep_rl.errors import UserError
 
@@ -106,9 +107,9 @@ def _evidence(args: EvidenceArguments) -> None:
 
 VERBS = {
     "sft": Verb("train vectors with SFT on truncated answer prefixes",
-                (ModelArguments, SteeringArguments, SFTDataArguments, SteeringSFTConfig), _sft),
+                (ModelArguments, SteeringArguments, SFTDataArguments, SteeringSFTConfig, ValidationArguments), _sft),
     "grpo": Verb("train vectors with GRPO on verifiable math rewards",
-                 (ModelArguments, SteeringArguments, GRPODataArguments, SteeringGRPOConfig), _grpo),
+                 (ModelArguments, SteeringArguments, GRPODataArguments, SteeringGRPOConfig, ValidationArguments), _grpo),
     "eval": Verb("compare the base and steered models on a math task", (EvalArguments,), _eval),
     "inspect": Verb("show the config and per-layer norms of a saved steering artifact", (InspectArguments,), _inspect),
     "lora": Verb("the LoRA GRPO reference, on the data and settings of a steering run",

@@ -114,15 +114,27 @@ def _rows_to_problems(path: Path, make, skip_invalid: bool) -> list[Problem]:
     return problems
 
 
+GSM8K_HELD_OUT = ("fit", "validation")  # GSM8K train split by id: train on `fit`, choose checkpoints on `validation`
+
+
 def load_gsm8k(split: str, skip_invalid: bool = False) -> list[Problem]:
+    """GSM8K `train` or `test`; or `fit` and `validation`, the two parts of train (about 90% / 10%, by a stable
+    hash of each problem's id), so that checkpoints are chosen without touching test. Each problem's meta holds
+    `steps`, the number of calculator annotations (<<a*b=c>>) in its reference solution."""
+    source = "train" if split in GSM8K_HELD_OUT else split
+
     def make(row, where, number):
         raw = _field(row, "answer", where)
         gold = gsm8k_final_answer(raw)
         if gold is None:
             raise DataError(f"{where}: field 'answer' has no '#### <answer>' line")
-        return Problem(f"gsm8k-{split}-{number}", _field(row, "question", where), gold, gsm8k_solution(raw))
+        return Problem(f"gsm8k-{source}-{number}", _field(row, "question", where), gold, gsm8k_solution(raw),
+                       {"steps": len(_CALCULATOR_NOTE.findall(raw))})
 
-    return _rows_to_problems(_split_file("gsm8k", split), make, skip_invalid)
+    problems = _rows_to_problems(_split_file("gsm8k", source), make, skip_invalid)
+    if split in GSM8K_HELD_OUT:
+        problems = [p for p in problems if in_split(p.id, "test", test_fraction=0.1) == (split == "validation")]
+    return problems
 
 
 def load_math500(split: str, skip_invalid: bool = False) -> list[Problem]:
@@ -142,7 +154,7 @@ def _split_file(task: str, split: str) -> Path:
     folder = data_root() / task
     path = folder / f"{split}.jsonl"
     if not path.is_file():
-        available = sorted(p.stem for p in folder.glob("*.jsonl"))
+        available = sorted(p.stem for p in folder.glob("*.jsonl")) + (list(GSM8K_HELD_OUT) if task == "gsm8k" else [])
         raise DataError(f"task {task!r} has no split {split!r} in {folder} (available: {', '.join(available) or 'none'})")
     return path
 

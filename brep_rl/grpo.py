@@ -22,13 +22,27 @@ from torch import nn
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
-from brep_rl.arguments import EvalSettings, GRPODataArguments, ModelArguments, SteeringArguments, SteeringGRPOConfig
+from brep_rl.arguments import (
+    EvalSettings,
+    GRPODataArguments,
+    ModelArguments,
+    SteeringArguments,
+    SteeringGRPOConfig,
+    ValidationArguments,
+)
 from brep_rl.data import prompt_batch
 from brep_rl.dynamic_sampling import ScoredGroup, informative_groups
 from brep_rl.errors import ConfigError, DataError
 from brep_rl.rollout import Backend, Sampling, TransformersBackend, hash_seed, make_backend
 from brep_rl.steering import SteeringVectors
-from brep_rl.training import SteeringTrainerMixin, claim_output_dir, final_eval, load_for_training, train_and_save
+from brep_rl.training import (
+    SteeringTrainerMixin,
+    add_validation,
+    claim_output_dir,
+    final_eval,
+    load_for_training,
+    train_and_save,
+)
 from reward import guarded, reward_failures, reward_function, reward_functions, verifier_stats
 
 logger = logging.getLogger(__name__)
@@ -287,7 +301,7 @@ def prompt_dataset(problems, instruction: str | None, system_prompt: str | None)
     return Dataset.from_list(rows)
 
 
-def run_grpo(model_args: ModelArguments, steer_args: SteeringArguments, data_args: GRPODataArguments, train_args: SteeringGRPOConfig) -> SteeringGRPOTrainer:
+def run_grpo(model_args: ModelArguments, steer_args: SteeringArguments, data_args: GRPODataArguments, train_args: SteeringGRPOConfig, val_args: ValidationArguments | None = None) -> SteeringGRPOTrainer:
     """Train with GRPO, save the artifact to output_dir and (main process) compare base vs steered on held-out problems."""
     claim_output_dir(train_args)
     funcs, train_args.reward_weights = reward_functions(*data_args.reward_names(train_args.reward_weights), data_args.fallback,
@@ -308,6 +322,8 @@ def run_grpo(model_args: ModelArguments, steer_args: SteeringArguments, data_arg
         accuracy_reward=reward_function("accuracy", data_args.fallback),
         train_dataset=prompt_dataset(problems, data_args.instruction, data_args.system_prompt), processing_class=tokenizer,
     )
+    if val_args is not None and val_args.validation_steps:
+        add_validation(trainer, val_args, data_args, model_args, train_args.seed)
     output = train_and_save(trainer)
     if trainer.is_world_process_zero():
         print(f"\nsteering artifact: {output} (inspect it with `brep-rl inspect {output}`)")

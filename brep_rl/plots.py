@@ -34,7 +34,8 @@ def plot_run(run: Path) -> Path:
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     panels = [
         (axes[0, 0], "reward / loss per step", ("reward", "rewards/accuracy_reward/mean", "loss")),
-        (axes[0, 1], "groups without signal, truncated completions", ("frac_reward_zero_std", "completions/clipped_ratio")),
+        (axes[0, 1], "groups without signal, truncated completions",
+         ("frac_reward_zero_std", "dynamic/zero_variance_before", "completions/clipped_ratio")),
         (axes[1, 0], "KL to base, sampler vs trainer, entropy",
          ("kl", "rollout/logp_diff_mean", "rollout/kl_sampler_trainer", "entropy")),
     ]
@@ -94,6 +95,30 @@ def plot_matrix(results: dict[str, Any], output_dir: Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = output_dir / "evidence.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_validation(runs: dict[str, Path], out: Path) -> Path:
+    """Validation accuracy (validation.jsonl) of several runs against optimizer steps and against wall-clock minutes,
+    on one figure: e.g. SFT-only and SFT -> GRPO, each from where it starts."""
+    plt = _pyplot()
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for label, run in runs.items():
+        path = run / "validation.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no validation log (train with --validation_steps N)")
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        accuracy = [100 * r["accuracy"] for r in rows]
+        by_step.plot([r["step"] for r in rows], accuracy, marker=".", label=label)
+        by_time.plot([r["seconds"] / 60 for r in rows], accuracy, marker=".", label=label)
+    by_step.set_xlabel("optimizer step")
+    by_time.set_xlabel("wall-clock minutes (2 CPU cores)")
+    for ax in (by_step, by_time):
+        ax.set_ylabel("validation accuracy (%), greedy")
+        ax.legend()
+    fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

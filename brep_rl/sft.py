@@ -14,10 +14,24 @@ from dataclasses import dataclass
 import torch
 from transformers import Trainer
 
-from brep_rl.arguments import EvalSettings, ModelArguments, SFTDataArguments, SteeringArguments, SteeringSFTConfig
+from brep_rl.arguments import (
+    EvalSettings,
+    ModelArguments,
+    SFTDataArguments,
+    SteeringArguments,
+    SteeringSFTConfig,
+    ValidationArguments,
+)
 from brep_rl.data import DEFAULT_INSTRUCTION, Problem, chat_prompt, prompt_batch
 from brep_rl.errors import DataError
-from brep_rl.training import SteeringTrainerMixin, claim_output_dir, final_eval, load_for_training, train_and_save
+from brep_rl.training import (
+    SteeringTrainerMixin,
+    add_validation,
+    claim_output_dir,
+    final_eval,
+    load_for_training,
+    train_and_save,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +124,7 @@ class SteeringSFTTrainer(SteeringTrainerMixin, Trainer):
         return (result[0] + penalty, result[1]) if return_outputs else result + penalty
 
 
-def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args: SFTDataArguments, train_args: SteeringSFTConfig) -> SteeringSFTTrainer:
+def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args: SFTDataArguments, train_args: SteeringSFTConfig, val_args: ValidationArguments | None = None) -> SteeringSFTTrainer:
     """Train, save the artifact to output_dir, report held-out loss before/after and (main process) a short eval."""
     claim_output_dir(train_args)
     problems = data_args.load_problems(train_args.seed, data_args.solution_field)
@@ -138,8 +152,10 @@ def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args
 
     trainer = SteeringSFTTrainer(
         model=model, args=train_args, train_dataset=train_rows, eval_dataset=heldout_rows or None,
-        data_collator=SFTCollator(tokenizer.pad_token_id), steer=steer,
+        data_collator=SFTCollator(tokenizer.pad_token_id), steer=steer, processing_class=tokenizer,
     )
+    if val_args is not None and val_args.validation_steps:
+        add_validation(trainer, val_args, data_args, model_args, train_args.seed)
     output = train_and_save(trainer)
     # Both held-out losses after training, on every rank (evaluation is collective). Not before: an evaluate()
     # ahead of train() marks the model as prepared by accelerate, which then skips the DDP wrap.

@@ -2,6 +2,7 @@
 
     python scripts/plot_run.py runs/demo            # writes runs/demo/curves.png
     python scripts/plot_run.py runs/demo/checkpoint-8
+    python scripts/plot_run.py --validation sft=runs/sft sft+grpo=runs/sft_grpo --out validation.png
 Reads trainer_state.json (the log history: written at the end of training, and in every checkpoint) and
 norms.jsonl (per-layer norms, in the run folder).
 """
@@ -12,15 +13,23 @@ import argparse
 import sys
 from pathlib import Path
 
-from brep_rl.plots import plot_run
+from brep_rl.plots import plot_run, plot_validation
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", type=Path, help="a training output folder or one of its checkpoints")
+    parser.add_argument("run", type=Path, nargs="?", help="a training output folder or one of its checkpoints")
+    parser.add_argument("--validation", nargs="+", metavar="LABEL=RUN", help="validation accuracy of runs on one figure")
+    parser.add_argument("--out", type=Path, default=Path("validation.png"))
     args = parser.parse_args(argv)
+    if (args.run is None) == (args.validation is None):
+        parser.error("give a run folder, or --validation LABEL=RUN ...")
     try:
-        print(plot_run(args.run))
+        if args.validation:
+            runs = dict(item.split("=", 1) if "=" in item else (item, item) for item in args.validation)
+            print(plot_validation({label: Path(run) for label, run in runs.items()}, args.out))
+        else:
+            print(plot_run(args.run))
     except FileNotFoundError as e:
         print(f"plot_run: error: {e}", file=sys.stderr)
         return 2

@@ -78,8 +78,8 @@ def test_duplicate_ids_are_refused_by_name(tmp_path):
 def test_task_and_selection_errors():
     with pytest.raises(DataError, match="unknown task 'gsm9k'"):
         load_task("gsm9k")
-    with pytest.raises(DataError, match=r"no split 'validation' .*available: test, train"):
-        load_task("gsm8k", "validation")
+    with pytest.raises(DataError, match=r"no split 'dev' .*available: test, train, fit, validation"):
+        load_task("gsm8k", "dev")
     with pytest.raises(DataError, match="no problems selected"):
         load_task("gsm8k", "test", offset=10_000)
 
@@ -126,3 +126,13 @@ def test_reasoning_gym_draws_until_enough_distinct_problems_and_says_when_there_
     one_digit = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}  # a few hundred sums in all
     few = load_task("rg:chain_sum", "test", limit=500, rg_config=one_digit)
     assert len(few) < 500 and f"only {len(few)} distinct test problems exist" in caplog.text
+
+
+def test_gsm8k_train_splits_into_fit_and_validation_by_id_and_counts_calculator_steps():
+    train = load_task("gsm8k", "train")
+    fit, validation = load_task("gsm8k", "fit"), load_task("gsm8k", "validation")
+    assert {p.id for p in fit} | {p.id for p in validation} == {p.id for p in train}
+    assert not {p.id for p in fit} & {p.id for p in validation}
+    assert 0.08 < len(validation) / len(train) < 0.12
+    first = train[0]  # Natalia sold clips: <<48/2=24>> and <<48+24=72>>
+    assert first.meta["steps"] == 2 and all(p.meta["steps"] >= 0 for p in train)
