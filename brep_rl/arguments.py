@@ -84,7 +84,8 @@ class SteeringArguments:
     penalty: float = field(default=0.0, metadata={"help": "weight of an L2 penalty on the vectors"})
     init: Literal["zeros", "normal"] = field(default="zeros", metadata={"help": "initial vectors"})
     init_std: float = field(default=0.01)
-    init_from: str | None = field(default=None, metadata={"help": "start from a saved artifact (e.g. SFT vectors before GRPO)"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "start from a saved artifact (e.g. SFT vectors before GRPO) or a llama.cpp control vector (.gguf)"})
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, list):
@@ -389,10 +390,62 @@ class EvalArguments(EvalSettings):
 
 @dataclass
 class InspectArguments:
-    """`brep-rl inspect DIR`: a saved artifact's config and per-layer norms."""
+    """`brep-rl inspect DIR`: a saved artifact's config and per-layer norms; optionally its logit lens and a plot."""
 
     directory: str = field(metadata={"help": "a steering artifact folder"})
     json: bool = field(default=False, metadata={"help": "machine-readable output"})
+    logit_lens: bool = field(default=False, metadata={"help": "the tokens each layer's vector promotes and demotes"})
+    top: int = field(default=10, metadata={"help": "tokens per layer in the logit lens"})
+    model: str | None = field(default=None, metadata={"help": "base for the logit lens (default: the artifact's)"})
+    plot: str | None = field(default=None, metadata={"help": "PNG: per-layer norms and cosine similarity between layers"})
+    compare: str | None = field(default=None, metadata={"help": "a second artifact: the plot adds their layer-wise cosines"})
+
+    def __post_init__(self) -> None:
+        _positive("top", self.top)
+
+
+@dataclass
+class ExportArguments:
+    """`brep-rl export ART --out v.gguf`: the bias vectors as a llama.cpp control vector."""
+
+    artifact: str = field(metadata={"help": "a steering artifact folder"})
+    out: str = field(metadata={"help": "the control-vector file to write (.gguf)"})
+    format: Literal["gguf"] = "gguf"
+    scale: float = field(default=1.0, metadata={"help": "strength baked into the file"})
+    bias_only: bool = field(default=False, metadata={"help": "export a bias+prefix artifact's bias part (the prefix is dropped)"})
+
+
+@dataclass
+class MergeArguments:
+    """`brep-rl merge ART --out DIR`: an HF model folder with the bias folded into the MLP biases."""
+
+    artifact: str = field(metadata={"help": "a steering artifact folder (bias mode)"})
+    out: str = field(metadata={"help": "the model folder to write"})
+    model: str | None = field(default=None, metadata={"help": "the base (default: the artifact's)"})
+    dtype: Dtype = "float32"
+
+
+@dataclass
+class BlendArguments:
+    """`brep-rl blend A B --weights 0.5,0.5 --out C`: the weighted sum of artifacts of one base, mode and layers."""
+
+    artifacts: list[str] = field(metadata={"help": "two or more artifact folders"})
+    out: str = field(metadata={"help": "the artifact folder to write"})
+    weights: str | None = field(default=None, metadata={"help": "comma-separated, one per artifact (default: equal)"})
+
+    def weight_list(self) -> list[float]:
+        if self.weights is None:
+            return [1.0 / len(self.artifacts)] * len(self.artifacts)
+        try:
+            values = [float(w) for w in self.weights.split(",")]
+        except ValueError:
+            values = []
+        if len(values) != len(self.artifacts):
+            raise ConfigError(f"--weights: expected {len(self.artifacts)} comma-separated numbers, got {self.weights!r}")
+        return values
+
+    def __post_init__(self) -> None:
+        self.weight_list()
 
 
 @dataclass

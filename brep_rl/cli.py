@@ -15,11 +15,14 @@ from dataclasses import dataclass
 from trl import TrlParser
 
 from brep_rl.arguments import (
+    BlendArguments,
     EvalArguments,
     EvidenceArguments,
+    ExportArguments,
     GRPODataArguments,
     InspectArguments,
     LoraArguments,
+    MergeArguments,
     ModelArguments,
     SFTDataArguments,
     SteeringArguments,
@@ -97,6 +100,46 @@ def _inspect(args: InspectArguments) -> None:
     from brep_rl.steering.artifact import describe_artifact
 
     print(describe_artifact(args.directory, as_json=args.json))
+    if args.logit_lens:
+        from brep_rl.analysis import logit_lens
+        from brep_rl.model import load_base
+        from brep_rl.steering import read_artifact
+
+        config, tensors = read_artifact(args.directory)
+        model, tokenizer = load_base(args.model or config.base_model)
+        for name, vectors in tensors.items():
+            print(f"\nlogit lens of the {name} vectors (top {args.top} tokens promoted | demoted)")
+            for row in logit_lens(model, tokenizer, vectors, config.layers, args.top):
+                print(f"  {row['layer']:>3}  " + " ".join(repr(t) for t, _ in row["promotes"])
+                      + "  |  " + " ".join(repr(t) for t, _ in row["demotes"]))
+    if args.plot:
+        from brep_rl.plots import plot_artifact
+
+        print(f"plot: {plot_artifact(args.directory, args.plot, args.compare)}")
+
+
+def _export(args: ExportArguments) -> None:
+    from brep_rl.steering.gguf import export_control_vector
+
+    if args.bias_only:
+        print("--bias-only: exporting the bias vectors; the prefix vectors are dropped", file=sys.stderr)
+    out = export_control_vector(args.artifact, args.out, args.scale, args.bias_only)
+    print(f"control vector: {out} (llama-server -m MODEL.gguf --control-vector {out})")
+
+
+def _merge(args: MergeArguments) -> None:
+    from brep_rl.analysis import merge_into_weights
+    from brep_rl.model import load_base
+    from brep_rl.steering import read_artifact
+
+    model, tokenizer = load_base(args.model or read_artifact(args.artifact)[0].base_model, dtype=args.dtype)
+    print(f"model with the vectors baked in: {merge_into_weights(model, tokenizer, args.artifact, args.out)}")
+
+
+def _blend(args: BlendArguments) -> None:
+    from brep_rl.analysis import blend
+
+    print(f"blended artifact: {blend(args.artifacts, args.weight_list(), args.out)}")
 
 
 def _evidence(args: EvidenceArguments) -> None:
@@ -112,6 +155,9 @@ VERBS = {
                  (ModelArguments, SteeringArguments, GRPODataArguments, SteeringGRPOConfig, ValidationArguments), _grpo),
     "eval": Verb("compare the base and steered models on a math task", (EvalArguments,), _eval),
     "inspect": Verb("show the config and per-layer norms of a saved steering artifact", (InspectArguments,), _inspect),
+    "export": Verb("write an artifact's bias vectors as a llama.cpp control vector (.gguf)", (ExportArguments,), _export),
+    "merge": Verb("fold bias vectors into the base's weights: a plain HF model folder", (MergeArguments,), _merge),
+    "blend": Verb("the weighted sum of artifacts", (BlendArguments,), _blend),
     "lora": Verb("the LoRA GRPO reference, on the data and settings of a steering run",
                  (ModelArguments, LoraArguments, GRPODataArguments, SteeringGRPOConfig), _lora),
     "evidence": Verb("the learning-evidence matrix: train every variant, pick on validation, report on test",
@@ -135,8 +181,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in VERBS:
         print(f"brep-rl: error: unknown verb {name!r} (choose from {', '.join(VERBS)})", file=sys.stderr)
         return 2
-    if name == "inspect" and rest and not rest[0].startswith("-"):
-        rest = ["--directory", *rest]  # `brep-rl inspect DIR`
+    positional = next((i for i, a in enumerate(rest) if a.startswith("-")), len(rest))
+    if positional:  # `brep-rl inspect DIR`, `brep-rl export ART ...`, `brep-rl blend A B ...`
+        flag = {"inspect": "--directory", "export": "--artifact", "merge": "--artifact", "blend": "--artifacts"}.get(name)
+        if flag:
+            rest = [flag, *rest]
     verb = VERBS[name]
     from brep_rl.training import quiet_dependency_warnings
     from reward import RewardConfigError

@@ -122,3 +122,31 @@ def plot_validation(runs: dict[str, Path], out: Path) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def plot_artifact(directory: str | Path, out: str | Path, compare: str | Path | None = None) -> Path:
+    """Per-layer norms of an artifact's vectors and the cosine similarity between its layers' vectors (with
+    `compare`: between its layers and the other artifact's)."""
+    from brep_rl.analysis import layer_cosines
+    from brep_rl.steering import read_artifact
+
+    config, tensors = read_artifact(directory)
+    name = "bias" if "bias" in tensors else next(iter(tensors))
+    other = read_artifact(compare)[1].get(name) if compare else None
+    plt = _pyplot()
+    fig, (norms, cosines) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for vector_name, t in tensors.items():
+        norms.plot(config.layers, t.float().norm(dim=-1).tolist(), marker=".", label=f"{vector_name} ({Path(directory).name})")
+    if other is not None:
+        norms.plot(config.layers, other.float().norm(dim=-1).tolist(), marker=".", label=f"{name} ({Path(compare).name})")
+    norms.set_xlabel("layer")
+    norms.set_ylabel("L2 norm")
+    norms.legend()
+    image = cosines.imshow(layer_cosines(tensors[name], other).numpy(), vmin=-1, vmax=1, cmap="RdBu_r", origin="lower")
+    fig.colorbar(image, ax=cosines)
+    cosines.set_title(f"cosine between layers' {name} vectors" + (f" vs {Path(compare).name}" if other is not None else ""))
+    cosines.set_xlabel("row (steered layer)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return Path(out)

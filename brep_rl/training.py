@@ -36,7 +36,8 @@ def load_for_training(model_args: ModelArguments, steer_args: SteeringArguments,
                    os.environ.get("LOCAL_WORLD_SIZE", "1"))
     model, tokenizer = load_base(model_args.model, dtype=model_args.dtype)
     if steer_args.init_from:
-        steer = SteeringVectors.from_pretrained(steer_args.init_from, model)
+        load = SteeringVectors.from_gguf if steer_args.init_from.endswith(".gguf") else SteeringVectors.from_pretrained
+        steer = load(steer_args.init_from, model)
         # keep the restraint asked for now; the artifact's own is its training history
         steer.config.radius, steer.config.radius_relative, steer.config.penalty = steer_args.radius, steer_args.radius_relative, steer_args.penalty
         steer.config.provenance = {"init_from": steer_args.init_from, "previous": steer.config.provenance}

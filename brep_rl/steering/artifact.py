@@ -18,10 +18,45 @@ from brep_rl.errors import ArtifactError, ConfigError
 from brep_rl.steering.config import CONFIG_NAME, SteeringConfig
 
 WEIGHTS_NAME = "steering.safetensors"
+CARD_NAME = "README.md"
+
+
+def model_card(config: SteeringConfig, tensors: dict[str, torch.Tensor]) -> str:
+    """A README beside the vectors, in the layout PEFT adapters use on a hub: what they are, how they were made, how
+    to use them with brep-rl and with llama.cpp."""
+    provenance = config.provenance or {}
+    metrics = {k: v for k, v in provenance.items() if "accuracy" in k or k in ("global_step", "stage", "task", "split")}
+    size = sum(t.numel() for t in tensors.values())
+    exportable = config.site == "mlp.down_proj" and config.layers and 0 not in config.layers
+    lines = [
+        "---", "library_name: brep-rl", f"base_model: {config.base_model}", "tags: [steering-vectors, brep-rl]", "---", "",
+        f"# Steering vectors for {config.base_model}", "",
+        f"- mode `{config.mode}` on `{config.site}` of layers {config.layers} ({size:,} parameters)"
+        + (f", prefix window {config.prefix_tokens} answer tokens" if config.uses_prefix else ""),
+        f"- base: {config.model_type}, hidden size {config.hidden_size}, {config.num_hidden_layers} layers; "
+        + ("its weights' fingerprint is recorded: loading onto another model of the same shape is refused"
+           if config.base_fingerprint else "no weight fingerprint recorded"),
+        "- restraint: " + ("none" if config.radius is None else f"L2 radius {config.radius}"
+                            + (" x the site's median output norm" if config.radius_relative else "")),
+    ]
+    if metrics:
+        lines.append("- training: " + ", ".join(f"{k} {v}" for k, v in metrics.items()))
+    lines += ["", "## Use", "", "```bash", "brep-rl eval --steering THIS_FOLDER --task gsm8k --limit 100    # base vs steered",
+              "brep-rl inspect THIS_FOLDER --logit-lens", "```", "", "```python",
+              "from brep_rl import SteeringVectors, load_base",
+              f'model, tokenizer = load_base("{config.base_model}")',
+              'steer = SteeringVectors.from_pretrained("THIS_FOLDER", model)   # model.generate(...) is now steered',
+              "```"]
+    if exportable:
+        lines += ["", "With llama.cpp (a control vector at every position"
+                  + (": the prefix vectors are dropped" if config.uses_prefix else "") + "):", "", "```bash",
+                  "brep-rl export THIS_FOLDER --out vectors.gguf" + (" --bias-only" if config.uses_prefix else ""),
+                  "llama-server -m BASE.gguf --control-vector vectors.gguf", "```"]
+    return "\n".join(lines) + "\n"
 
 
 def save_artifact(directory: str | Path, config: SteeringConfig, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write the tensors and the config into `directory`.
+    """Write the tensors, the config and a model card (README.md) into `directory`.
 
     Each file is written beside its destination and renamed into place, so a kill never leaves a half-written
     file; other files in the folder (a trainer's checkpoints) are left alone.
@@ -32,9 +67,10 @@ def save_artifact(directory: str | Path, config: SteeringConfig, tensors: dict[s
     try:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "mode": config.mode})
         config.to_json_file(tmp / CONFIG_NAME)
+        (tmp / CARD_NAME).write_text(model_card(config, tensors))
         umask = os.umask(0)
         os.umask(umask)
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
+        for name in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME):
             os.chmod(tmp / name, 0o666 & ~umask)  # ordinary file permissions, not the temp folder's
             os.replace(tmp / name, directory / name)
     finally:

@@ -13,6 +13,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -260,6 +261,24 @@ class SteeringVectors(nn.Module):
         except ArtifactError:
             steer.detach()
             raise
+        return steer
+
+    @classmethod
+    def from_gguf(cls, path: str | Path, model: nn.Module) -> SteeringVectors:
+        """Bias vectors from a llama.cpp control-vector GGUF (written by brep-rl, repeng or cvector-generator)."""
+        from brep_rl.steering.gguf import CONTROL_VECTOR_SITE, read_control_vector
+
+        hint, vectors = read_control_vector(path)
+        model_type = model.config.model_type
+        if hint and hint != model_type:
+            raise ArtifactError(f"{path}: a control vector for {hint!r} models; this model is {model_type!r}")
+        dims = {v.shape[0] for v in vectors.values()}
+        if dims != {model.config.hidden_size}:
+            raise ArtifactError(f"{path}: vectors of size {sorted(dims)}; this model's layers output {model.config.hidden_size}")
+        config = SteeringConfig(mode="bias", site=CONTROL_VECTOR_SITE, layers=list(vectors),
+                                provenance={"imported_from": str(path)})
+        steer = cls.attach(model, config)
+        steer.load_tensors({"bias": torch.from_numpy(np.stack(list(vectors.values())))}, source=str(path))
         return steer
 
     @torch.no_grad()

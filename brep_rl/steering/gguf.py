@@ -1,0 +1,87 @@
+"""llama.cpp control vectors: a bias on `mlp.down_proj` of decoder layer l is a vector added to layer l's output,
+which is what llama.cpp's `--control-vector` adds. The file (as repeng and llama.cpp's cvector-generator write it):
+GGUF with general.architecture "controlvector", controlvector.model_hint, controlvector.layer_count, and one F32
+1-D tensor `direction.<l>` per layer, l counted as transformers counts decoder layers (llama.cpp's il); llama.cpp
+has no direction.0 (it refuses one) and applies a control vector at every position.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from brep_rl.errors import ArtifactError
+from brep_rl.steering.artifact import read_artifact
+from brep_rl.steering.config import SteeringConfig
+
+CONTROL_VECTOR_SITE = "mlp.down_proj"
+_DIRECTION = re.compile(r"^direction\.(\d+)$")
+
+
+def control_vector_layers(config: SteeringConfig, tensors: dict[str, torch.Tensor], bias_only: bool) -> dict[int, np.ndarray]:
+    """{layer: vector} of an artifact as a control vector; refuses what llama.cpp would apply differently."""
+    if config.site != CONTROL_VECTOR_SITE:
+        raise ArtifactError(f"a llama.cpp control vector is added to a layer's output; these vectors are on "
+                            f"{config.site!r}, whose output is not the layer's output (only {CONTROL_VECTOR_SITE!r} is)")
+    if config.uses_prefix and not bias_only:
+        raise ArtifactError(f"mode {config.mode!r}: llama.cpp applies a control vector at every position, so a prefix "
+                            "vector cannot be exported; pass --bias-only to export the bias part alone")
+    if "bias" not in tensors:
+        raise ArtifactError(f"mode {config.mode!r} has no bias vector to export")
+    layers = config.layers or list(range(tensors["bias"].shape[0]))
+    if 0 in layers:
+        raise ArtifactError("llama.cpp control vectors cannot act on layer 0 (it refuses direction.0): steer layers 1-")
+    return {layer: tensors["bias"][row].float().numpy() for row, layer in enumerate(layers)}
+
+
+def export_control_vector(artifact: str | Path, out: str | Path, scale: float = 1.0, bias_only: bool = False) -> Path:
+    """Write the artifact's bias vectors (times `scale`) as a llama.cpp control-vector GGUF."""
+    import gguf
+
+    config, tensors = read_artifact(artifact)
+    vectors = control_vector_layers(config, tensors, bias_only)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(out), "controlvector")
+    writer.add_string("controlvector.model_hint", config.model_type or "")
+    writer.add_uint32("controlvector.layer_count", len(vectors))
+    for layer, vector in vectors.items():
+        writer.add_tensor(f"direction.{layer}", (vector * scale).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def read_control_vector(path: str | Path) -> tuple[str | None, dict[int, np.ndarray]]:
+    """(model hint, {layer: vector}) of a control-vector GGUF, from brep-rl, repeng or cvector-generator."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: control-vector file not found")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError) as e:
+        raise ArtifactError(f"{path}: not a GGUF file ({e})") from None
+    arch = reader.fields.get("general.architecture")
+    if arch is None or arch.contents() != "controlvector":
+        raise ArtifactError(f"{path}: not a control vector (general.architecture is "
+                            f"{arch.contents() if arch else None!r}, expected 'controlvector')")
+    hint = reader.fields.get("controlvector.model_hint")
+    vectors = {}
+    for tensor in reader.tensors:
+        match = _DIRECTION.match(tensor.name)
+        if match is None:
+            continue
+        layer = int(match.group(1))
+        if layer == 0:
+            raise ArtifactError(f"{path}: direction.0 (llama.cpp control vectors start at layer 1)")
+        vectors[layer] = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
+    if not vectors:
+        raise ArtifactError(f"{path}: no direction.<layer> tensors")
+    return (hint.contents() if hint else None), dict(sorted(vectors.items()))
