@@ -146,6 +146,12 @@ def _json_flag(flag: str, value: Any) -> dict | None:
 class SFTDataArguments(TaskArguments):
     task: str = field(default="gsm8k", metadata={"help": "gsm8k | math500 | rg:<name> | path.jsonl (rows need a worked solution)"})
     solution_field: str | None = None
+    solutions: Literal["reference", "self"] = field(default="reference", metadata={
+        "help": "the targets: the task's worked solutions, or the model's own correct samples (rejection sampling, "
+                "as in STaR / RFT: self_samples per problem from the vectors training starts from)"})
+    self_samples: int = field(default=8, metadata={"help": "solutions self: samples per problem"})
+    self_temperature: float = 0.7
+    self_max_new_tokens: int = 64
     heldout: int = field(default=32, metadata={"help": "problems kept out of training, from the end of the selection, for held-out loss"})
     truncate_prob: float = field(default=0.9, metadata={"help": "probability that an example keeps loss on the first truncate_tokens only (0: plain SFT)"})
     truncate_tokens: int = field(default=64, metadata={"help": "answer tokens that carry loss in a truncated example"})
@@ -161,6 +167,8 @@ class SFTDataArguments(TaskArguments):
         if not 0 <= self.truncate_prob <= 1:
             raise ConfigError(f"--truncate_prob: expected a probability in [0, 1], got {self.truncate_prob}")
         _positive("truncate_tokens", self.truncate_tokens)
+        _positive("self_samples", self.self_samples)
+        _positive("self_temperature", self.self_temperature)
         if self.max_length < 2:
             raise ConfigError(f"--max_length: expected >= 2, got {self.max_length}")
         _non_negative("heldout", self.heldout)

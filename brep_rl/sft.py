@@ -7,11 +7,13 @@ otherwise the loss covers the whole answer. Prompt tokens never carry loss. Only
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 from transformers import Trainer
 
 from brep_rl.arguments import (
@@ -24,6 +26,7 @@ from brep_rl.arguments import (
 )
 from brep_rl.data import DEFAULT_INSTRUCTION, Problem, chat_prompt, prompt_batch
 from brep_rl.errors import DataError
+from brep_rl.rollout import Sampling, hash_seed, make_backend
 from brep_rl.training import (
     SteeringTrainerMixin,
     add_validation,
@@ -32,6 +35,7 @@ from brep_rl.training import (
     load_for_training,
     train_and_save,
 )
+from reward import reward_function
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +128,32 @@ class SteeringSFTTrainer(SteeringTrainerMixin, Trainer):
         return (result[0] + penalty, result[1]) if return_outputs else result + penalty
 
 
+def self_solutions(problems: list[Problem], model, tokenizer, steer, model_name: str, data_args: SFTDataArguments,
+                   seed: int) -> list[Problem]:
+    """Rejection sampling (STaR / RFT): each problem's solution becomes the first of `self_samples` completions of the
+    model (with the vectors training starts from) that the accuracy reward accepts; problems without one are dropped."""
+    backend = make_backend("auto", model, tokenizer, model_name, [steer.config], torch.get_num_threads())
+    backend.sync(steer)
+    accuracy = reward_function("accuracy", "last_number")
+    k = data_args.self_samples
+    kept: list[Problem] = []
+    chunk = 16  # prompts per generate call: bounds the backend's memory
+    for start in tqdm(range(0, len(problems), chunk), desc="rejection sampling", unit="batch"):
+        batch = problems[start : start + chunk]
+        ids = [tokenizer(chat_prompt(tokenizer, p.question, data_args.instruction, data_args.system_prompt),
+                         add_special_tokens=False).input_ids for p in batch]
+        sampling = Sampling(data_args.self_max_new_tokens, data_args.self_temperature, seed=hash_seed(seed, "rft", start))
+        texts = tokenizer.batch_decode(backend.generate(ids, k, sampling).completion_ids, skip_special_tokens=True)
+        scores = accuracy(completions=texts, answer=[p.answer for p in batch for _ in range(k)])
+        for i, problem in enumerate(batch):
+            right = next((texts[j] for j in range(i * k, (i + 1) * k) if scores[j]), None)
+            if right is not None:
+                kept.append(dataclasses.replace(problem, solution=right.strip()))
+    logger.warning("rejection sampling: %d of %d problems have a correct sample (%d samples each, temperature %s)",
+                   len(kept), len(problems), k, data_args.self_temperature)
+    return kept
+
+
 def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args: SFTDataArguments, train_args: SteeringSFTConfig, val_args: ValidationArguments | None = None) -> SteeringSFTTrainer:
     """Train, save the artifact to output_dir, report held-out loss before/after and (main process) a short eval."""
     claim_output_dir(train_args)
@@ -142,13 +172,15 @@ def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args
         return prompt_batch(tokenizer, train_problems[:8], data_args.instruction, data_args.system_prompt)
 
     model, tokenizer, steer = load_for_training(model_args, steer_args, calibration)
+    if data_args.solutions == "self":
+        train_problems = self_solutions(train_problems, model, tokenizer, steer, model_args.model, data_args, train_args.seed)
     train_rows, stats = examples(train_problems, train_args.seed)
     heldout_rows, _ = examples(heldout_problems, train_args.seed + 1)
     logger.warning("SFT data: %s", stats.describe(data_args.max_length, data_args.truncate_tokens))
     if not train_rows:
         raise DataError(f"task {data_args.task!r}: no usable SFT examples ({stats.describe(data_args.max_length, data_args.truncate_tokens)})")
     steer.config.provenance = {**steer.config.provenance, "stage": "sft", "task": data_args.task, "split": data_args.split,
-                               "examples": stats.examples, "truncate_prob": data_args.truncate_prob, "truncate_tokens": data_args.truncate_tokens}
+                               "examples": stats.examples, "solutions": data_args.solutions, "truncate_prob": data_args.truncate_prob, "truncate_tokens": data_args.truncate_tokens}
 
     trainer = SteeringSFTTrainer(
         model=model, args=train_args, train_dataset=train_rows, eval_dataset=heldout_rows or None,

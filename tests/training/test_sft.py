@@ -98,3 +98,19 @@ def test_sft_bad_input_fails_before_training(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(ValueError, match="checkpointing is not supported with steering vectors"):
         sft_main(sft_args(tiny_model_dir, tmp_path / "y", "--gradient_checkpointing", "true"))
     assert not (tmp_path / "x").exists()
+
+
+def test_rejection_sampling_trains_on_the_models_own_correct_samples(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    from testing_utils import rare_hit
+
+    from brep_rl import sft
+
+    monkeypatch.setattr(sft, "reward_function", lambda name, fallback: rare_hit)  # a reward a random model earns
+    trainer = sft_main(sft_args(tiny_model_dir, tmp_path / "rft", "--solutions", "self", "--self_samples", "4",
+                                "--self_max_new_tokens", "8", "--max_steps", "2"))
+    kept = int(caplog.text.split("rejection sampling: ")[1].split(" of ")[0])
+    assert 0 < kept < 20 and trainer.steer.config.provenance["solutions"] == "self"
+    assert 0 < len(trainer.train_dataset) <= kept  # an empty sample that "scored" has no tokens to train on
+    for row in trainer.train_dataset:  # every target is a sample of the model itself, not the reference solution
+        target = trainer.processing_class.decode([t for t in row["labels"] if t != -100], skip_special_tokens=True)
+        assert "####" not in target
