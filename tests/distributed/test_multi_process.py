@@ -1,6 +1,9 @@
 """Two processes on CPU (gloo): DDP under torchrun and accelerate, DeepSpeed ZeRO-2/3; every rank ends equal."""
 
 import json
+import os
+import subprocess
+import time
 
 import pytest
 import torch
@@ -61,3 +64,20 @@ def test_two_process_ddp_sft_gives_identical_vectors_on_both_ranks(tiny_model_di
     assert rank0["bias"].abs().sum() > 0
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert torch.equal(load_file(out / "steering.safetensors")["bias"], rank0["bias"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine, launcher", [
+    ("ddp", torchrun(29561)), ("zero2", torchrun(29562)), ("zero3", torchrun(29563)), ("ddp", accelerate("ddp", 29564)),
+], ids=["ddp-torchrun", "zero2-torchrun", "zero3-torchrun", "ddp-accelerate"])
+def test_a_dead_rank_ends_the_job_quickly(tiny_model_dir, tmp_path, engine, launcher):
+    extra = [] if engine == "ddp" else ["--deepspeed", str(ROOT / "configs" / "deepspeed" / f"{engine}.json")]
+    args = grpo_args(tiny_model_dir, tmp_path / engine, "--max_steps", "50", "--save_steps", "100", *extra)
+    path = os.pathsep.join(map(str, (ROOT, ROOT / "tests")))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, DS_ACCELERATOR="cpu")
+    proc = subprocess.run([*launcher, str(ROOT / "tests" / "distributed" / "kill_rank.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    ended = time.time()
+    assert proc.returncode != 0
+    killed_at = float((tmp_path / engine / "killed_at").read_text())
+    assert ended - killed_at < 60, (ended - killed_at, proc.stderr[-2000:])  # the survivor did not wait on

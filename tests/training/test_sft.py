@@ -101,9 +101,8 @@ def test_sft_bad_input_fails_before_training(tiny_model_dir, tmp_path, capsys):
 
 
 def test_rejection_sampling_trains_on_the_models_own_correct_samples(tiny_model_dir, tmp_path, monkeypatch, caplog):
-    from testing_utils import rare_hit
-
     from brep_rl import sft
+    from testing_utils import rare_hit
 
     monkeypatch.setattr(sft, "reward_function", lambda name, fallback: rare_hit)  # a reward a random model earns
     trainer = sft_main(sft_args(tiny_model_dir, tmp_path / "rft", "--solutions", "self", "--self_samples", "4",
