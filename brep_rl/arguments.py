@@ -187,6 +187,13 @@ class GRPODataArguments(TaskArguments):
     extra_rewards: str | None = field(default=None, metadata={"help": "shorthand: comma-separated module:function rewards, weight 1 each"})
     allow_reward_imports: bool = field(default=False, metadata={
         "help": "let module:function entries of rewards / extra_rewards import code (off: registered rewards only)"})
+    curriculum: str | None = field(default=None, metadata={
+        "help": "a reasoning-gym dataset whose curriculum levels replace the training prompts, raised and lowered by "
+                "the rolling training accuracy (e.g. chain_sum: more terms, more digits)"})
+    curriculum_window: int = field(default=32, metadata={"help": "groups in the rolling accuracy"})
+    curriculum_raise: float = field(default=0.7, metadata={"help": "raise the level above this rolling accuracy"})
+    curriculum_lower: float = field(default=0.1, metadata={"help": "lower the level below this rolling accuracy"})
+    curriculum_start_level: int = 0
     eval_task: str | None = field(default=None, metadata={"help": "task of the final base vs steered eval (default: the training task)"})
     eval_split: str = "test"
     eval_limit: int = field(default=50, metadata={"help": "problems in the final eval (0: skip it)"})
@@ -196,6 +203,10 @@ class GRPODataArguments(TaskArguments):
     def __post_init__(self) -> None:
         super().__post_init__()
         _non_negative("format_reward_weight", self.format_reward_weight)
+        _positive("curriculum_window", self.curriculum_window)
+        if not 0 <= self.curriculum_lower < self.curriculum_raise <= 1:
+            raise ConfigError(f"--curriculum_lower / --curriculum_raise: expected 0 <= lower < raise <= 1, got "
+                              f"{self.curriculum_lower} and {self.curriculum_raise}")
         _non_negative("eval_limit", self.eval_limit)
         _positive("eval_max_new_tokens", self.eval_max_new_tokens, allow_none=True)
         self.eval_rg_config = _json_flag("eval_rg_config", self.eval_rg_config)

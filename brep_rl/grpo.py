@@ -12,6 +12,7 @@ What differs from plain TRL:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -30,6 +31,7 @@ from brep_rl.arguments import (
     SteeringGRPOConfig,
     ValidationArguments,
 )
+from brep_rl.curriculum import Curriculum
 from brep_rl.data import prompt_batch
 from brep_rl.dynamic_sampling import ScoredGroup, informative_groups
 from brep_rl.errors import ConfigError, DataError
@@ -89,10 +91,12 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
     `accuracy_reward`: the binary reward dynamic sampling filters groups on."""
 
     def __init__(self, model, steer: SteeringVectors, args: SteeringGRPOConfig, backend: Backend | None = None,
-                 accuracy_reward=None, **kwargs):
+                 accuracy_reward=None, curriculum: Curriculum | None = None, curriculum_rows=None, **kwargs):
         own_loop = backend is None or (isinstance(backend, TransformersBackend) and not args.dynamic_sampling)
         if args.dynamic_sampling and (backend is None or accuracy_reward is None):
             raise ConfigError("--dynamic_sampling needs a rollout backend and the accuracy reward to filter groups on")
+        if curriculum is not None and (accuracy_reward is None or curriculum_rows is None):
+            raise ConfigError("a curriculum needs the accuracy reward and a way to turn its problems into prompts")
         if not own_loop:
             check_sampling(args, backend)
             kwargs["rollout_func"] = self._rollout
@@ -107,6 +111,7 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
         self.ref_model = SteeringDisabled(model, steer) if beta else None
         self.backend = backend
         self.accuracy_reward = accuracy_reward
+        self.curriculum, self.curriculum_rows = curriculum, curriculum_rows  # rows: (problems) -> dataset rows
         self.setup_steering(steer)
         if not own_loop:
             backend.sync(steer)
@@ -156,7 +161,10 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
     # ---- dynamic sampling ------------------------------------------------------------------------------------
 
     def _generate_and_score_completions(self, inputs):
-        if self.args.dynamic_sampling and self.model.training and len(inputs) % self.num_generations == 0:
+        whole_groups = len(inputs) % self.num_generations == 0
+        if self.curriculum is not None and self.model.training and whole_groups:
+            inputs = [row for group in self._fresh_groups(len(inputs) // self.num_generations, 0) for row in group]
+        if self.args.dynamic_sampling and self.model.training and whole_groups:
             inputs = self._informative_inputs(inputs)
         return super()._generate_and_score_completions(inputs)
 
@@ -187,9 +195,14 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
         return scored
 
     def _fresh_groups(self, count: int, round_: int) -> list[list[dict]]:
-        """`count` prompts drawn from the training set, by a generator fixed by the step, rank and round."""
-        rng = random.Random(hash_seed(self.args.seed, self.state.global_step, self.accelerator.process_index, "refill", round_))
-        rows = [self.train_dataset[rng.randrange(len(self.train_dataset))] for _ in range(count)]
+        """`count` prompts drawn from the training set (or the curriculum's current level), by a generator fixed by
+        the step, rank and round."""
+        seed = hash_seed(self.args.seed, self.state.global_step, self.accelerator.process_index, "refill", round_)
+        if self.curriculum is not None:
+            rows = self.curriculum_rows(self.curriculum.draw(count, seed))
+        else:
+            rng = random.Random(seed)
+            rows = [self.train_dataset[rng.randrange(len(self.train_dataset))] for _ in range(count)]
         return [[dict(row) for _ in range(self.num_generations)] for row in rows]
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
@@ -261,7 +274,25 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         for key, value in zip(("verifier/timeouts", "verifier/errors", "reward_failures"), total.tolist()):
             self._metrics[mode][key].append(value)  # every rank's failures, not the first rank's alone
+        if self.curriculum is not None and mode == "train":
+            self._advance_curriculum(inputs, completions)
         return rewards
+
+    def _advance_curriculum(self, inputs: list[dict], completions: list) -> None:
+        """The groups' accuracy, from every rank (so every rank moves the same way), into the curriculum."""
+        n = self.num_generations
+        scores = self.accuracy_reward(completions=completions, answer=[row["answer"] for row in inputs])
+        groups = torch.tensor([sum(scores[i : i + n]) / n for i in range(0, len(scores) - n + 1, n)],
+                              dtype=torch.float32, device=self.accelerator.device)
+        level = self.curriculum.record(self.accelerator.gather(groups).tolist())
+        self._metrics["train"]["curriculum/level"].append(float(level))
+
+    def extra_state(self) -> dict:
+        return {"curriculum": dataclasses.asdict(self.curriculum.state())} if self.curriculum is not None else {}
+
+    def load_extra_state(self, state: dict) -> None:
+        if self.curriculum is not None and "curriculum" in state:
+            self.curriculum.load_state(state["curriculum"])
 
     def provenance(self) -> dict:
         return {**super().provenance(), "beta": self.beta, "num_generations": self.args.num_generations,
@@ -291,14 +322,18 @@ def _quiet_experimental():
             os.environ["TRL_EXPERIMENTAL_SILENCE"] = previous
 
 
-def prompt_dataset(problems, instruction: str | None, system_prompt: str | None) -> Dataset:
+def prompt_rows(problems, instruction: str | None, system_prompt: str | None) -> list[dict]:
     """Conversational prompts (TRL applies the chat template, as the eval harness does) with the gold `answer`."""
     rows = []
     for p in problems:
         content = f"{p.question}\n{instruction}" if instruction else p.question
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": content}]
         rows.append({"prompt": messages, "answer": p.answer})
-    return Dataset.from_list(rows)
+    return rows
+
+
+def prompt_dataset(problems, instruction: str | None, system_prompt: str | None) -> Dataset:
+    return Dataset.from_list(prompt_rows(problems, instruction, system_prompt))
 
 
 def run_grpo(model_args: ModelArguments, steer_args: SteeringArguments, data_args: GRPODataArguments, train_args: SteeringGRPOConfig, val_args: ValidationArguments | None = None) -> SteeringGRPOTrainer:
@@ -317,9 +352,14 @@ def run_grpo(model_args: ModelArguments, steer_args: SteeringArguments, data_arg
     steer.config.provenance = {**steer.config.provenance, "stage": "grpo", "task": data_args.task, "split": data_args.split,
                                "rg_config": data_args.rg_config}
     backend = make_backend(train_args.rollout_backend, model, tokenizer, model_args.model, [steer.config], torch.get_num_threads())
+    curriculum = None
+    if data_args.curriculum:
+        curriculum = Curriculum(data_args.curriculum, data_args.curriculum_window, data_args.curriculum_raise,
+                                data_args.curriculum_lower, data_args.curriculum_start_level)
     trainer = SteeringGRPOTrainer(
         model=model, steer=steer, args=train_args, backend=backend, reward_funcs=[guarded(f) for f in funcs],
-        accuracy_reward=reward_function("accuracy", data_args.fallback),
+        accuracy_reward=reward_function("accuracy", data_args.fallback), curriculum=curriculum,
+        curriculum_rows=lambda problems: prompt_rows(problems, data_args.instruction, data_args.system_prompt),
         train_dataset=prompt_dataset(problems, data_args.instruction, data_args.system_prompt), processing_class=tokenizer,
     )
     if val_args is not None and val_args.validation_steps:

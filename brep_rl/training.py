@@ -3,6 +3,7 @@ checkpoints the vectors only (KB, not the base), restrains them after every opti
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -17,11 +18,14 @@ from transformers.trainer import rotate_checkpoints
 from brep_rl.arguments import ModelArguments, SteeringArguments, default_threads
 from brep_rl.checkpoints import NORMS, STAGING, StepLog, last_checkpoint, prepare_output_dir, publish_checkpoint
 from brep_rl.errors import ConfigError
+from brep_rl.files import write_json
 from brep_rl.model import load_base
 from brep_rl.progress import use_readable_progress
 from brep_rl.steering import SteeringVectors, read_artifact
 
 logger = logging.getLogger(__name__)
+
+TRAINING_STATE = "brep_state.json"  # in each checkpoint: state of ours an exact resume needs
 
 
 def load_for_training(model_args: ModelArguments, steer_args: SteeringArguments, calibration: Callable | None = None):
@@ -235,14 +239,26 @@ class SteeringTrainerMixin:
             del self._get_output_dir
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            publish_checkpoint(run / STAGING / f"checkpoint-{self.state.global_step}", run)
+            staged = run / STAGING / f"checkpoint-{self.state.global_step}"
+            write_json(staged / TRAINING_STATE, self.extra_state())
+            publish_checkpoint(staged, run)
             rotate_checkpoints(output_dir=str(run), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
 
+    def extra_state(self) -> dict:
+        """What a checkpoint must hold besides the Trainer's own state for an exact resume (e.g. a curriculum)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         _, tensors = read_artifact(resume_from_checkpoint)
         self.steer.load_tensors(tensors, source=resume_from_checkpoint)
+        state_file = Path(resume_from_checkpoint) / TRAINING_STATE
+        if state_file.is_file():
+            self.load_extra_state(json.loads(state_file.read_text()))
         logger.info("resumed steering vectors from %s", resume_from_checkpoint)
 
     def _load_best_model(self) -> None:

