@@ -70,8 +70,10 @@ def test_flags_take_dashes_or_underscores_and_repeat(tmp_path):
 
 
 def test_the_shipped_configs_parse():
-    for config in sorted((ROOT / "configs").glob("*.yaml")):
-        verb = "sft" if config.name.startswith("sft") else "grpo"
+    stages = [*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs" / "gsm8k").glob("*.yaml"),
+              ROOT / "configs" / "evidence" / "sft.yaml", ROOT / "configs" / "evidence" / "grpo.yaml"]
+    for config in sorted(stages):
+        verb = "sft" if "sft" in config.name and "grpo" not in config.name else "grpo"
         parsed = parse(f"brep-rl {verb}", VERBS[verb].types, ["--config", str(config)])
         assert parsed[-1].output_dir, config
 

@@ -13,11 +13,11 @@ from testing_utils import grpo_args, rare_hit
 
 def test_the_level_rises_above_the_threshold_and_falls_below_it():
     curriculum = Curriculum("chain_sum", window=4, raise_above=0.7, lower_below=0.1, pool=20)
-    assert (curriculum.level, curriculum.config()["max_terms"]) == (0, 2)
+    assert (curriculum.level, curriculum.levels.config(curriculum.level)["max_terms"]) == (0, 2)
     easy = curriculum.problems()
     assert len(easy) == 20 and all(in_split(p.question, "train") for p in easy)
     assert curriculum.record([1.0, 1.0, 0.5]) == 0  # the window is not full yet
-    assert curriculum.record([1.0]) == 1 and curriculum.config()["max_terms"] == 3
+    assert curriculum.record([1.0]) == 1 and curriculum.levels.config(curriculum.level)["max_terms"] == 3
     assert max(p.question.count(" + ") + p.question.count(" - ") for p in curriculum.problems()) == 2  # 3 terms now
     assert curriculum.record([0.5, 0.5, 0.5, 0.5]) == 1  # between the thresholds: stay
     assert curriculum.record([0.0, 0.0]) == 1  # the window still holds two 0.5s: mean 0.25
@@ -26,8 +26,18 @@ def test_the_level_rises_above_the_threshold_and_falls_below_it():
     again = Curriculum("chain_sum", window=4, pool=20)
     again.load_state({"level": 1, "window": [1.0]})
     assert again.level == 1 and list(again.window) == [1.0] and state.level == 0
-    with pytest.raises(ConfigError, match="no curriculum for 'gsm8k'"):
-        Curriculum("gsm8k")
+    with pytest.raises(ConfigError, match="no curriculum for 'gsm_symbolic'"):
+        Curriculum("gsm_symbolic")
+
+
+def test_gsm8k_tiers_start_with_one_step_problems_and_end_with_all_of_fit():
+    curriculum = Curriculum("gsm8k", window=2)
+    assert {p.meta["steps"] for p in curriculum.problems()} <= {0, 1}
+    curriculum.record([1.0, 1.0])
+    assert max(p.meta["steps"] for p in curriculum.problems()) == 2
+    curriculum.set_level(9)
+    assert curriculum.level == 3 and len(curriculum.problems()) == len(curriculum.levels.all)
+    assert all(not p.id.startswith("gsm8k-test") for p in curriculum.problems())
 
 
 def test_grpo_trains_on_the_curriculum_and_checkpoints_its_state(tiny_model_dir, tmp_path, monkeypatch):
