@@ -127,6 +127,9 @@ def test_grpo_with_llama_cpp_rollouts_on_smollm2(tmp_path):
     assert trainer.backend.name == "llama.cpp"
     logs = [entry for entry in trainer.state.log_history if "rollout/logp_diff_mean" in entry]
     assert len(logs) == 2 and all(entry["rollout/logp_diff_mean"] < 0.01 for entry in logs)  # sampler = trainer
+    # TRL's truncated importance sampling ran on these rollouts: ratios near 1, capped at 3
+    assert all(0.5 < entry["sampling/importance_sampling_ratio/mean"] < 1.5 for entry in logs)
+    assert all(entry["sampling/importance_sampling_ratio/max"] <= 3.0 for entry in logs)
     saved = load_file(str(out / "steering.safetensors"))
     rows = [layer - 1 for layer in trainer.steer.config.layers]  # llama.cpp's row r is layer r + 1
     pushed = torch.from_numpy(trainer.backend.unsteered[rows])
