@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         records = [json.loads(line) for line in (output / "samples.jsonl").read_text().splitlines()]
         rows += [{"temperature": temperature, **row} for row in pass_at_ks(records, ks, tiers)]
         print(f"T={temperature}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    write(f"headroom-{args.name}", f"Headroom: pass@k on {args.task} ({args.split}, n={args.limit}, "
+    write(f"headroom-{args.name}", f"Headroom: pass@k on {args.task} ({args.split}, n={len(problems)}, "
           f"{args.samples} samples, {args.max_new_tokens} tokens)", rows,
           notes="pass@k unbiased (Chen et al. 2021) from the samples of each problem; `per sample` = mean accuracy.",
           task=args.task, rg_config=args.rg_config, steering=args.steering, threads=args.threads)
