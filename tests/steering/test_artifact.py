@@ -17,7 +17,7 @@ def test_save_load_round_trip_is_exact(tmp_path, tokenizer):
     enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     expected = model(**enc).logits
     out = steer.save_pretrained(tmp_path / "vec")
-    assert sorted(p.name for p in out.iterdir()) == ["steering.safetensors", "steering_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "steering.safetensors", "steering_config.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["vec"]  # no temporary folder left behind
     saved = json.loads((out / "steering_config.json").read_text())
     assert (saved["base_model"], saved["hidden_size"], saved["num_hidden_layers"], saved["site"]) == ("tiny-llama", 64, 3, "mlp.down_proj")
@@ -35,7 +35,7 @@ def test_save_replaces_an_existing_artifact_and_keeps_other_files(tmp_path, tiny
     (tmp_path / "vec" / "checkpoint-1").mkdir()
     set_vectors(steer)
     steer.save_pretrained(tmp_path / "vec")
-    assert sorted(p.name for p in (tmp_path / "vec").iterdir()) == ["checkpoint-1", "steering.safetensors", "steering_config.json"]
+    assert sorted(p.name for p in (tmp_path / "vec").iterdir()) == ["README.md", "checkpoint-1", "steering.safetensors", "steering_config.json"]
     from safetensors.torch import load_file
 
     assert torch.equal(load_file(tmp_path / "vec" / "steering.safetensors")["bias"], steer.bias.detach())
