@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from brep_rl.data import Problem, in_split, rg_solution
+from brep_rl.data import Problem, in_split, rg_problem
 from brep_rl.errors import ConfigError
 
 
@@ -102,10 +102,7 @@ class ReasoningGymLevels:
             pool = []
             for index, entry in enumerate(dataset):
                 if in_split(entry["question"], "train"):
-                    meta = {k: v for k, v in entry.get("metadata", {}).items() if isinstance(v, (str, int, float, bool))}
-                    answer = str(entry["answer"])
-                    pool.append(Problem(f"rg-{self.name}-L{level}-{index}", entry["question"], answer,
-                                        rg_solution(meta, answer), meta))
+                    pool.append(rg_problem(entry, f"rg-{self.name}-L{level}-{index}"))
                 if len(pool) == self.pool_size:
                     break
             self.pools[level] = pool

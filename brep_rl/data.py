@@ -202,6 +202,13 @@ def rg_solution(meta: dict[str, Any], answer: str) -> str | None:
     return None
 
 
+def rg_problem(entry: dict[str, Any], problem_id: str) -> Problem:
+    """A reasoning-gym entry as a Problem: its scalar metadata kept, a worked solution where one can be made."""
+    meta = {k: v for k, v in entry.get("metadata", {}).items() if isinstance(v, (str, int, float, bool))}
+    answer = str(entry["answer"])
+    return Problem(problem_id, entry["question"], answer, rg_solution(meta, answer), meta)
+
+
 def load_reasoning_gym(name: str, split: str, size: int, seed: int = 0, config: dict[str, Any] | None = None) -> list[Problem]:
     """`size` distinct problems of a reasoning-gym dataset in the given split (train/test disjoint by question).
 
@@ -229,9 +236,7 @@ def load_reasoning_gym(name: str, split: str, size: int, seed: int = 0, config: 
             seen.add(question)
             if not in_split(question, split):
                 continue
-            meta = {k: v for k, v in entry.get("metadata", {}).items() if isinstance(v, (str, int, float, bool))}
-            answer = str(entry["answer"])
-            problems.append(Problem(f"rg-{name}-{split}-{seed}-{index}", question, answer, rg_solution(meta, answer), meta))
+            problems.append(rg_problem(entry, f"rg-{name}-{split}-{seed}-{index}"))
             if len(problems) == size:
                 break
         exhausted = len(seen) == found_before or draws >= MAX_RG_DRAWS  # a batch of repeats only: nothing new left
@@ -285,6 +290,12 @@ def chat_prompt(tokenizer, question: str, instruction: str | None = DEFAULT_INST
     content = f"{question}\n{instruction}" if instruction else question
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": content}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def chat_prompt_ids(tokenizer, problems: list[Problem], instruction: str | None, system_prompt: str | None = None) -> list[list[int]]:
+    """The token ids of each problem's chat prompt (no special tokens added: the template has them)."""
+    return [tokenizer(chat_prompt(tokenizer, p.question, instruction, system_prompt), add_special_tokens=False).input_ids
+            for p in problems]
 
 
 def prompt_batch(tokenizer, problems: list[Problem], instruction: str | None, system_prompt: str | None = None):

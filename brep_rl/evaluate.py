@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from brep_rl.arguments import EvalSettings
-from brep_rl.data import Problem, chat_prompt, load_task
+from brep_rl.data import Problem, chat_prompt, chat_prompt_ids, load_task
 from brep_rl.files import to_json, write_json
 from brep_rl.metrics import accuracy_interval, majority_vote, paired_difference, pass_at_k
 from brep_rl.rollout import Backend, Rollouts, Sampling, hash_seed, make_backend
@@ -145,7 +145,7 @@ def evaluate(
         configs = [read_artifact(a)[0] for a in artifacts]
         backend = make_backend(settings.backend, model, tokenizer, model.name_or_path, configs, torch.get_num_threads())
     prompts = {p.id: chat_prompt(tokenizer, p.question, settings.instruction, settings.system_prompt) for p in problems}
-    prompt_ids = {pid: tokenizer(text, add_special_tokens=False).input_ids for pid, text in prompts.items()}
+    prompt_ids = dict(zip(prompts, chat_prompt_ids(tokenizer, problems, settings.instruction, settings.system_prompt)))
     k = settings.samples
     per_batch = max(1, settings.batch_size // k)
     variants = []

@@ -24,7 +24,7 @@ from brep_rl.arguments import (
     SteeringSFTConfig,
     ValidationArguments,
 )
-from brep_rl.data import DEFAULT_INSTRUCTION, Problem, chat_prompt, prompt_batch
+from brep_rl.data import DEFAULT_INSTRUCTION, Problem, chat_prompt_ids, prompt_batch
 from brep_rl.errors import DataError
 from brep_rl.rollout import Sampling, hash_seed, make_backend
 from brep_rl.training import (
@@ -75,7 +75,7 @@ def build_sft_examples(
         if not problem.solution:
             stats.no_solution += 1
             continue
-        prompt = tokenizer(chat_prompt(tokenizer, problem.question, instruction, system_prompt), add_special_tokens=False).input_ids
+        prompt = chat_prompt_ids(tokenizer, [problem], instruction, system_prompt)[0]
         answer = tokenizer(problem.solution, add_special_tokens=False).input_ids + [eos]
         truncated = rng.random() < truncate_prob
         if len(prompt) >= max_length:
@@ -140,8 +140,7 @@ def self_solutions(problems: list[Problem], model, tokenizer, steer, model_name:
     chunk = 16  # prompts per generate call: bounds the backend's memory
     for start in tqdm(range(0, len(problems), chunk), desc="rejection sampling", unit="batch"):
         batch = problems[start : start + chunk]
-        ids = [tokenizer(chat_prompt(tokenizer, p.question, data_args.instruction, data_args.system_prompt),
-                         add_special_tokens=False).input_ids for p in batch]
+        ids = chat_prompt_ids(tokenizer, batch, data_args.instruction, data_args.system_prompt)
         sampling = Sampling(data_args.self_max_new_tokens, data_args.self_temperature, seed=hash_seed(seed, "rft", start))
         texts = tokenizer.batch_decode(backend.generate(ids, k, sampling).completion_ids, skip_special_tokens=True)
         scores = accuracy(completions=texts, answer=[p.answer for p in batch for _ in range(k)])

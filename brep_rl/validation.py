@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 
 from brep_rl.arguments import ValidationArguments
 from brep_rl.checkpoints import StepLog
-from brep_rl.data import Problem, chat_prompt
+from brep_rl.data import Problem, chat_prompt_ids
 from brep_rl.rollout import Backend, Sampling, TransformersBackend
 from reward import reward_function
 
@@ -33,8 +33,7 @@ class ValidationCallback(TrainerCallback):
         self.every = args.validation_steps
         self.sampling = Sampling(args.validation_max_new_tokens, temperature=0.0)
         tokenizer = trainer.processing_class
-        self.prompt_ids = [tokenizer(chat_prompt(tokenizer, p.question, instruction, system_prompt),
-                                     add_special_tokens=False).input_ids for p in problems]
+        self.prompt_ids = chat_prompt_ids(tokenizer, problems, instruction, system_prompt)
         self.accuracy = reward_function("accuracy", fallback)
         self.backend = backend
         self.log = StepLog(Path(trainer.args.output_dir) / VALIDATION)
