@@ -12,17 +12,10 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 from brep_rl.data import Problem, in_split, rg_problem
 from brep_rl.errors import ConfigError
-
-
-@dataclass
-class CurriculumState:
-    level: int = 0
-    window: list[float] = field(default_factory=list)  # accuracy of the latest groups, oldest first
 
 
 class Curriculum:
@@ -65,8 +58,9 @@ class Curriculum:
                 self.window.clear()
         return self.level
 
-    def state(self) -> CurriculumState:
-        return CurriculumState(self.level, list(self.window))
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the level and the accuracy of the latest groups, oldest first."""
+        return {"level": self.level, "window": list(self.window)}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.set_level(int(state["level"]))

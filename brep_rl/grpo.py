@@ -12,7 +12,6 @@ What differs from plain TRL:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import random
@@ -288,7 +287,7 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
         self._metrics["train"]["curriculum/level"].append(float(level))
 
     def extra_state(self) -> dict:
-        return {"curriculum": dataclasses.asdict(self.curriculum.state())} if self.curriculum is not None else {}
+        return {"curriculum": self.curriculum.state()} if self.curriculum is not None else {}
 
     def load_extra_state(self, state: dict) -> None:
         if self.curriculum is not None and "curriculum" in state:

@@ -25,7 +25,7 @@ def test_the_level_rises_above_the_threshold_and_falls_below_it():
     state = curriculum.state()
     again = Curriculum("chain_sum", window=4, pool=20)
     again.load_state({"level": 1, "window": [1.0]})
-    assert again.level == 1 and list(again.window) == [1.0] and state.level == 0
+    assert again.level == 1 and list(again.window) == [1.0] and state["level"] == 0
     with pytest.raises(ConfigError, match="no curriculum for 'gsm_symbolic'"):
         Curriculum("gsm_symbolic")
 
