@@ -382,12 +382,17 @@ class EvalArguments(EvalSettings):
         "help": "steering artifact(s) to compare with the base (repeatable)", "action": "extend"})
     scale: str = field(default="1", metadata={"help": "comma-separated steering strengths, e.g. 0.5,1,2"})
     output: str | None = field(default=None, metadata={"help": "folder for samples.jsonl + summary.json/.md; re-running resumes"})
+    layers: list[str] = field(default_factory=list, metadata={
+        "help": "apply only these of each artifact's layers (default: all), e.g. 1-15 or 3,7,20; repeat for one "
+                "variant per subset (ablation in one run): --layers all --layers 1-15 --layers 16-29", "action": "extend"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads (default: all cores)"})
     dtype: Dtype = "float32"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.scales()
+        for spec in self.layers:
+            parse_layers(spec, num_layers=1_000_000)  # the syntax now; open ranges once the artifact is known
         _positive("threads", self.threads, allow_none=True)
 
     def scales(self) -> list[float]:

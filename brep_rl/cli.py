@@ -89,7 +89,8 @@ def _eval(args: EvalArguments) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_base(args.model, dtype=args.dtype)
-    summary = evaluate(model, tokenizer, args.settings(), args.steering, args.scales(), args.output)
+    summary = evaluate(model, tokenizer, args.settings(), args.steering, args.scales(), args.output,
+                       layer_specs=args.layers)
     print()
     print(markdown_table(summary))
     if args.output:

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from brep_rl.arguments import EvalSettings
+from brep_rl.arguments import EvalSettings, parse_layers
 from brep_rl.data import Problem, chat_prompt, chat_prompt_ids, load_task
+from brep_rl.errors import ConfigError
 from brep_rl.files import to_json, write_json
 from brep_rl.metrics import accuracy_interval, majority_vote, paired_difference, pass_at_k
 from brep_rl.rollout import Backend, Rollouts, Sampling, hash_seed, make_backend
@@ -39,6 +40,7 @@ class Variant:
     label: str
     artifact: str | None = None
     scale: float = 1.0
+    layers: list[int] | None = None  # None: all of the artifact's layers
 
 
 class RecordStore:
@@ -106,9 +108,10 @@ class RecordStore:
                 f.flush()
 
 
-def variant_contexts(model, artifacts: list[str], scales: list[float]):
-    """Yields (Variant, steering vectors or None, context) in order: the base, then each artifact at each scale, one
-    artifact attached at a time."""
+def variant_contexts(model, artifacts: list[str], scales: list[float], layer_specs: list[str] | None = None):
+    """Yields (Variant, steering vectors or None, context) in order: the base, then each artifact with each layer
+    subset (`--layers` specs; default all) at each scale, one artifact attached at a time."""
+    layer_specs = list(dict.fromkeys(layer_specs or ["all"]))
     if not artifacts:
         yield Variant(BASE), None, contextlib.nullcontext()
         return
@@ -119,19 +122,33 @@ def variant_contexts(model, artifacts: list[str], scales: list[float]):
         try:
             if index == 0:
                 yield Variant(BASE), steer, steer.disabled()
-            for scale in scales:
-                label = name if scales == [1.0] else f"{name}@{scale:g}"
-                yield Variant(label, artifact, scale), steer, steer.scaled(scale)
+            for spec in layer_specs:
+                layers = parse_layers(spec, steer.config.num_hidden_layers)
+                missing = sorted(set(layers or []) - set(steer.layer_ids))
+                if missing:
+                    raise ConfigError(f"--layers {spec}: {artifact} does not steer layers {missing} "
+                                      f"(it steers {steer.layer_ids})")
+                for scale in scales:
+                    label = name if scales == [1.0] else f"{name}@{scale:g}"
+                    label = label if layer_specs == ["all"] else f"{label}[{spec}]"
+                    yield Variant(label, artifact, scale, layers), steer, _steered(steer, layers, scale)
         finally:
             steer.detach()
+
+
+@contextlib.contextmanager
+def _steered(steer: SteeringVectors, layers: list[int] | None, scale: float):
+    with steer.restricted(layers), steer.scaled(scale):
+        yield
 
 
 def evaluate(
     model, tokenizer, settings: EvalSettings, artifacts: list[str] | None = None, scales: list[float] | None = None,
     output: str | Path | None = None, problems: list[Problem] | None = None, progress: bool = True,
-    backend: Backend | None = None,
+    backend: Backend | None = None, layer_specs: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the base and each artifact (at each scale) on the same problems; returns the summary.
+    """Evaluate the base and each artifact (with each layer subset, at each scale) on the same problems; returns the
+    summary.
 
     `backend` generates (default: `settings.backend` for this model and these artifacts, see brep_rl.rollout)."""
     artifacts = list(artifacts or [])
@@ -149,9 +166,9 @@ def evaluate(
     k = settings.samples
     per_batch = max(1, settings.batch_size // k)
     variants = []
-    total = len(problems) * k * (1 + len(artifacts) * len(scales))
+    total = len(problems) * k * (1 + len(artifacts) * len(scales) * len(set(layer_specs or ["all"])))
     bar = tqdm(total=total, desc="eval", unit="sample", disable=not progress, dynamic_ncols=True)
-    for variant, steer, context in variant_contexts(model, artifacts, scales):
+    for variant, steer, context in variant_contexts(model, artifacts, scales, layer_specs):
         variants.append(variant)
         store.check_artifact(variant.label, variant.artifact)
         todo = [p for p in problems if not store.done(variant.label, p, k)]
@@ -184,7 +201,7 @@ def score(variant: Variant, batch: list[Problem], prompts: dict[str, str], rollo
     for row, text in enumerate(texts):
         problem = batch[row // k]
         records.append({
-            "model": variant.label, "artifact": variant.artifact, "scale": variant.scale,
+            "model": variant.label, "artifact": variant.artifact, "scale": variant.scale, "layers": variant.layers,
             "problem_id": problem.id, "sample": row % k, "prompt": prompts[problem.id], "completion": text,
             "extracted": extracted[row], "gold": problem.answer, "correct": correct[row],
             "formatted": has_final_answer_format(text), "tokens": len(rollouts.completion_ids[row]),
@@ -206,7 +223,7 @@ def summarize(store: RecordStore, problems: list[Problem], variants: list[Varian
         tokens = sum(r["tokens"] for r in flat)
         seconds = sum(r["seconds"] for r in flat)
         results[v.label] = {
-            "artifact": v.artifact, "scale": v.scale, "problems": len(problems), "samples": k,
+            "artifact": v.artifact, "scale": v.scale, "layers": v.layers, "problems": len(problems), "samples": k,
             "accuracy": acc, "accuracy_low": low, "accuracy_high": high,
             f"pass@{k}": sum(pass_at_k(k, sum(r["correct"] for r in rs), k) for rs in rows) / len(rows),
             f"maj@{k}": sum(majority_vote([r["extracted"] for r in rs], [r["correct"] for r in rs]) for rs in rows) / len(rows),

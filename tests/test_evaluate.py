@@ -7,6 +7,7 @@ from brep_rl import SteeringConfig, SteeringVectors
 from brep_rl.arguments import EvalSettings
 from brep_rl.cli import main as cli_main
 from brep_rl.data import Problem
+from brep_rl.errors import ConfigError
 from brep_rl.evaluate import evaluate
 from brep_rl.rollout import TransformersBackend
 
@@ -132,3 +133,38 @@ def test_end_to_end_eval_on_smollm2(tmp_path, capsys):
     assert "| base | 4 |" in out and "| vec | 4 |" in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["models"]["base"]["tokens_per_s"] > 0 and "vec" in summary["paired_vs_base"]
+
+
+def test_layers_ablation_is_the_artifact_with_only_those_layers(tiny_llama, tokenizer, artifact, tmp_path):
+    steer = SteeringVectors.from_pretrained(artifact, tiny_llama)
+    kept = steer.layer_ids[-1]
+    trained = {name: p.detach().clone() for name, p in steer.vectors().items()}
+    with steer.restricted([kept]):
+        assert all(not p[:-1].any() and torch.equal(p[-1], trained[name][-1]) for name, p in steer.vectors().items())
+        only = steer.save_pretrained(tmp_path / "only")
+    assert all(torch.equal(p, trained[name]) for name, p in steer.vectors().items())  # restored afterwards
+    steer.detach()
+
+    settings = EvalSettings(max_new_tokens=8, batch_size=4)
+
+    def completions(path, artifacts, specs):
+        summary = evaluate(tiny_llama, tokenizer, settings, artifacts, None, path, problems=PROBLEMS, progress=False,
+                           layer_specs=specs)
+        records = [json.loads(line) for line in (path / "samples.jsonl").read_text().splitlines()]
+        return summary, {m: [r["completion"] for r in records if r["model"] == m] for m in summary["models"]}
+
+    summary, ablation = completions(tmp_path / "ablation", [artifact], ["all", str(kept)])
+    assert list(summary["models"]) == ["base", "vec[all]", f"vec[{kept}]"]
+    assert summary["models"][f"vec[{kept}]"]["layers"] == [kept]
+    _, reference = completions(tmp_path / "reference", [str(only)], None)
+    assert ablation[f"vec[{kept}]"] == reference["only"]
+    assert ablation["vec[all]"] != ablation[f"vec[{kept}]"]  # the other layers did steer
+
+
+def test_layers_the_artifact_does_not_steer_are_refused(tiny_llama, tokenizer, artifact, capsys):
+    with pytest.raises(ConfigError, match=r"--layers 9: .* does not steer layers \[9\]"):
+        evaluate(tiny_llama, tokenizer, EvalSettings(max_new_tokens=2), [artifact], None, None, problems=PROBLEMS,
+                 progress=False, layer_specs=["9"])
+    with pytest.raises(SystemExit):
+        cli_main(["eval", "--steering", artifact, "--layers", "first"])
+    assert "--layers: expected 'all' or indices" in capsys.readouterr().err

@@ -125,6 +125,28 @@ class SteeringVectors(nn.Module):
             self.enabled = previous
 
     @contextlib.contextmanager
+    def restricted(self, layers: Sequence[int] | None) -> Iterator[None]:
+        """Steer with `layers` only (None: all of them): the other layers' vectors are zero meanwhile, so every
+        backend (hooks, llama.cpp control vectors) sees the ablation. For evaluation, not for training."""
+        if layers is None:
+            yield
+            return
+        unknown = sorted(set(layers) - set(self.layer_ids))
+        if unknown:
+            raise ValueError(f"layers {unknown} are not steered by these vectors (they steer {self.layer_ids})")
+        dropped = [row for row, layer in enumerate(self.layer_ids) if layer not in set(layers)]
+        saved = {name: p.detach()[dropped].clone() for name, p in self.vectors().items()}
+        with torch.no_grad():
+            for p in self.vectors().values():
+                p[dropped] = 0
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.vectors().items():
+                    p[dropped] = saved[name]
+
+    @contextlib.contextmanager
     def window(self, response_start: torch.Tensor | Sequence[int] | int) -> Iterator[None]:
         """Set each row's response start (column of its first answer token) for plain forwards.
 
