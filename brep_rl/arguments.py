@@ -330,12 +330,22 @@ class SteeringGRPOConfig(GRPOConfig):
     dynamic_sampling: bool = field(default=False, metadata={
         "help": "drop groups whose completions all score the same and refill the batch with fresh prompts (DAPO)"})
     max_refills: int = field(default=4, metadata={"help": "dynamic sampling: extra rounds of generation per batch, at most"})
+    hint_share: float = field(default=0.0, metadata={
+        "help": "dynamic sampling: a group no sample of which is right is generated again with this share of the "
+                "reference solution as the start of the answer (Prefix-RFT); 0 = no hints"})
+    hint_decay_steps: int | None = field(default=None, metadata={
+        "help": "the hint share falls linearly to 0 at this step (default: max_steps)"})
     # TRL's truncated importance sampling (its vLLM correction), applied to llama.cpp rollouts: per-token ratio
     # pi_train / pi_sampler capped at vllm_importance_sampling_clip_max
     vllm_importance_sampling_mode: str = "token_truncate"
 
     def __post_init__(self) -> None:
         _non_negative("max_refills", self.max_refills)
+        if not 0 <= self.hint_share <= 1:
+            raise ConfigError(f"--hint_share: expected a share of the solution in [0, 1], got {self.hint_share}")
+        if self.hint_share and not self.dynamic_sampling:
+            raise ConfigError("--hint_share gives hints to groups dynamic sampling finds unsolved: add --dynamic_sampling true")
+        _positive("hint_decay_steps", self.hint_decay_steps, allow_none=True)
         fit_to_machine(self)
         super().__post_init__()
 

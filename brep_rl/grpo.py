@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import random
+from collections import Counter
 
 import torch
 from datasets import Dataset
@@ -119,7 +120,8 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
                 self.use_vllm = True  # TRL gates its off-policy correction on vLLM; llama.cpp samples off-policy alike
                 self.vllm_generation, self._last_loaded_step = _SyncedByCallback(), -1
         self._rollout_calls: tuple[int, int] = (-1, 0)  # (global step, calls at that step): seeds survive a resume
-        self._stash: dict[tuple[int, ...], tuple[list, list]] = {}  # rollouts dynamic sampling already made
+        self._stash: dict[tuple[int, ...], tuple[list, list, list]] = {}  # rollouts dynamic sampling already made
+        self._hints: Counter = Counter()  # hinted groups this step, and how many of them carried a signal
         self._trainer_logps: torch.Tensor | None = None
         self._verifier_seen = verifier_stats()
         self._failures_seen = dict(reward_failures)
@@ -141,11 +143,11 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
             else:
                 groups.append((ids, 1))
         stash, self._stash = self._stash, {}
-        if stash and all(tuple(ids) in stash and len(stash[tuple(ids)][0]) == n for ids, n in groups):
-            made = [stash[tuple(ids)] for ids, _ in groups]
-            return {"prompt_ids": [ids for ids, n in groups for _ in range(n)],
-                    "completion_ids": [c for completions, _ in made for c in completions],
-                    "logprobs": [lp for _, logprobs in made for lp in logprobs]}
+        if stash and all(tuple(ids) in stash and len(stash[tuple(ids)][1]) == n for ids, n in groups):
+            made = [stash[tuple(ids)] for ids, _ in groups]  # (prompt ids fed, hint included; completions; logprobs)
+            return {"prompt_ids": [fed for (fed, _, _), (_, n) in zip(made, groups) for _ in range(n)],
+                    "completion_ids": [c for _, completions, _ in made for c in completions],
+                    "logprobs": [lp for _, _, logprobs in made for lp in logprobs]}
         step, calls = self._rollout_calls
         step, calls = (step, calls + 1) if step == self.state.global_step else (self.state.global_step, 1)
         self._rollout_calls = (step, calls)
@@ -177,21 +179,47 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
             self.args.max_refills,
         )
         self._stash = {group.rollout[0]: group.rollout[1] for group in batch}
-        for key, value in stats.as_metrics(len(groups)).items():
+        metrics = stats.as_metrics(len(groups))
+        if self.args.hint_share:
+            metrics |= {"hints/share": self.hint_share(), "hints/groups": float(self._hints["groups"]),
+                        "hints/informative": float(self._hints["informative"])}
+        self._hints = Counter()
+        for key, value in metrics.items():
             self._metrics["train"][key].append(value)
         return [row for group in batch for row in group.rows]
 
     def _score_groups(self, groups: list[list[dict]], round_: int) -> list[ScoredGroup]:
+        """Generate and score `groups`; with --hint_share, a group no sample of which is right is generated again
+        with the start of its reference solution given (the hint sits at the end of the prompt, so the loss and the
+        rewards see only what the policy wrote after it)."""
+        scored = self._generate_scored(groups, [[] for _ in groups], ("dynamic", round_))
+        share = self.hint_share()
+        unsolved = [i for i, group in enumerate(scored) if share and not any(group.accuracies) and group.rows[0].get("solution")]
+        if unsolved:
+            hints = [hint_ids(self.processing_class, scored[i].rows[0]["solution"], share) for i in unsolved]
+            for i, group in zip(unsolved, self._generate_scored([groups[i] for i in unsolved], hints, ("hint", round_))):
+                scored[i] = group
+                self._hints["informative"] += group.informative
+            self._hints["groups"] += len(unsolved)
+        return scored
+
+    def _generate_scored(self, groups: list[list[dict]], hints: list[list[int]], purpose: tuple) -> list[ScoredGroup]:
         n = self.num_generations
         prompt_ids, _, _ = self._tokenize_prompts([group[0]["prompt"] for group in groups])
-        rollouts = self.backend.generate(prompt_ids, n, self._sampling("dynamic", round_))
+        fed = [ids + hint for ids, hint in zip(prompt_ids, hints)]
+        rollouts = self.backend.generate(fed, n, self._sampling(*purpose))
         texts = self.processing_class.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
         accuracies = self.accuracy_reward(completions=texts, answer=[row["answer"] for group in groups for row in group])
-        scored = []
-        for i, group in enumerate(groups):
-            made = (rollouts.completion_ids[i * n : (i + 1) * n], (rollouts.logprobs or [None] * len(texts))[i * n : (i + 1) * n])
-            scored.append(ScoredGroup(group, (tuple(prompt_ids[i]), made), accuracies[i * n : (i + 1) * n]))
-        return scored
+        logprobs = rollouts.logprobs or [None] * len(texts)
+        return [ScoredGroup(group, (tuple(prompt_ids[i]), (fed[i], rollouts.completion_ids[i * n : (i + 1) * n],
+                                                           logprobs[i * n : (i + 1) * n])), accuracies[i * n : (i + 1) * n])
+                for i, group in enumerate(groups)]
+
+    def hint_share(self) -> float:
+        """The share of the reference solution a hint gives at this step: --hint_share, falling linearly to 0 at
+        --hint_decay_steps (default max_steps)."""
+        decay = self.args.hint_decay_steps or self.args.max_steps
+        return self.args.hint_share * max(0.0, 1.0 - self.state.global_step / decay) if decay > 0 else 0.0
 
     def _fresh_groups(self, count: int, round_: int) -> list[list[dict]]:
         """`count` prompts drawn from the training set (or the curriculum's current level), by a generator fixed by
@@ -327,8 +355,14 @@ def prompt_rows(problems, instruction: str | None, system_prompt: str | None) ->
     for p in problems:
         content = f"{p.question}\n{instruction}" if instruction else p.question
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": content}]
-        rows.append({"prompt": messages, "answer": p.answer})
+        rows.append({"prompt": messages, "answer": p.answer, "solution": p.solution})
     return rows
+
+
+def hint_ids(tokenizer, solution: str, share: float) -> list[int]:
+    """The first `share` of a worked solution's tokens, never its final "#### answer" line."""
+    ids = tokenizer(solution.split("####")[0].rstrip(), add_special_tokens=False).input_ids
+    return ids[: int(len(ids) * share)]
 
 
 def prompt_dataset(problems, instruction: str | None, system_prompt: str | None) -> Dataset:

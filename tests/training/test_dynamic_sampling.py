@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from brep_rl import grpo
 from brep_rl.dynamic_sampling import ScoredGroup, informative_groups
 from testing_utils import grpo_args, rare_hit
@@ -51,3 +53,40 @@ def test_grpo_with_dynamic_sampling_trains_on_the_groups_it_scored(tiny_model_di
         assert log["frac_reward_zero_std"] == log["dynamic/zero_variance_after"]
     assert any(log["dynamic/zero_variance_before"] > 0 for log in logs)  # there was something to filter
     assert trainer._stash == {}  # every stashed rollout was used
+
+
+def test_hint_ids_are_the_start_of_the_worked_solution_never_its_answer(tokenizer):
+    solution = "She sold 48 / 2 = 24 clips in May.\nAltogether she sold 48 + 24 = 72 clips.\n#### 72"
+    body = tokenizer("She sold 48 / 2 = 24 clips in May.\nAltogether she sold 48 + 24 = 72 clips.",
+                     add_special_tokens=False).input_ids
+    assert grpo.hint_ids(tokenizer, solution, 0.5) == body[: len(body) // 2]
+    assert grpo.hint_ids(tokenizer, solution, 1.0) == body and grpo.hint_ids(tokenizer, solution, 0.0) == []
+
+
+def test_unsolved_groups_are_generated_again_and_trained_with_a_hint(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(grpo, "reward_function", lambda name, fallback: rare_hit)
+    hints, trained = [], []
+    real_hint_ids, real_rollout = grpo.hint_ids, grpo.SteeringGRPOTrainer._rollout
+
+    def recording_hint_ids(tokenizer, solution, share):
+        hints.append(real_hint_ids(tokenizer, solution, share))
+        return hints[-1]
+
+    def recording_rollout(self, prompts, trainer):
+        output = real_rollout(self, prompts, trainer)
+        trained.extend(output["prompt_ids"])
+        return output
+
+    monkeypatch.setattr(grpo, "hint_ids", recording_hint_ids)
+    monkeypatch.setattr(grpo.SteeringGRPOTrainer, "_rollout", recording_rollout)
+    out = tmp_path / "hints"
+    grpo.main(grpo_args(tiny_model_dir, out, "--task", "gsm8k", "--dynamic_sampling", "true", "--max_refills", "1",
+                        "--hint_share", "0.8", "--rollout_backend", "transformers", "--rewards", "testing_utils:rare_hit",
+                        "--extra_rewards", "", "--max_steps", "4", "--per_device_train_batch_size", "16"))
+    logs = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "reward" in h]
+    # the share falls linearly to 0 at max_steps (4): 0.8 at step 0, then 0.6, 0.4, 0.2
+    assert [log["hints/share"] for log in logs] == pytest.approx([0.8, 0.6, 0.4, 0.2])
+    assert sum(log["hints/groups"] for log in logs) == len(hints) > 0
+    assert all(0 <= log["hints/informative"] <= log["hints/groups"] for log in logs)
+    # TRL trained on hinted prompts: prompt ids that end in a hint that was handed out
+    assert any(len(h) and ids[-len(h):] == h for ids in trained for h in hints)
