@@ -48,6 +48,9 @@ def test_a_bad_choice_fails_while_parsing_in_one_line(argv, names, tmp_path):
     (["eval", "--samples", "4"], "--samples 4 with --temperature 0.0"),
     (["eval", "--rg_config", "{bad"], "--rg_config: expected a JSON object"),
     (["sft", "--truncate_prob", "2"], "--truncate_prob: expected a probability"),
+    (["grpo", "--hint_share", "0.5"], "--hint_share gives hints to groups dynamic sampling finds unsolved"),
+    (["grpo", "--dynamic_sampling", "true", "--hint_share", "1.5"], "--hint_share: expected a share of the solution"),
+    (["eval", "--layers", "5-2"], "--layers: "),
     (["grpo", "--no_such_flag", "1"], "no_such_flag"),
     (["grpo", "--config", "missing.yaml"], "missing.yaml"),
 ])
