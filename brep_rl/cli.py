@@ -124,8 +124,13 @@ def _export(args: ExportArguments) -> None:
 
     if args.bias_only:
         print("--bias-only: exporting the bias vectors; the prefix vectors are dropped", file=sys.stderr)
+    from brep_rl.model import gguf_as_f32, gguf_path
+    from brep_rl.steering import read_artifact
+
     out = export_control_vector(args.artifact, args.out, args.scale, args.bias_only)
-    print(f"control vector: {out} (llama-server -m MODEL.gguf --control-vector {out})")
+    base = gguf_path(read_artifact(args.artifact)[0].base_model or "")
+    model = gguf_as_f32(base) if base else "BASE.gguf"  # the fp32 copy: the weights brep-rl trained against
+    print(f"control vector: {out}\nserve it: llama-server -m {model} --control-vector {out}")
 
 
 def _merge(args: MergeArguments) -> None:

