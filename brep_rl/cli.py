@@ -120,13 +120,12 @@ def _inspect(args: InspectArguments) -> None:
 
 
 def _export(args: ExportArguments) -> None:
+    from brep_rl.model import gguf_as_f32, gguf_path
+    from brep_rl.steering import read_artifact
     from brep_rl.steering.gguf import export_control_vector
 
     if args.bias_only:
         print("--bias-only: exporting the bias vectors; the prefix vectors are dropped", file=sys.stderr)
-    from brep_rl.model import gguf_as_f32, gguf_path
-    from brep_rl.steering import read_artifact
-
     out = export_control_vector(args.artifact, args.out, args.scale, args.bias_only)
     base = gguf_path(read_artifact(args.artifact)[0].base_model or "")
     model = gguf_as_f32(base) if base else "BASE.gguf"  # the fp32 copy: the weights brep-rl trained against

@@ -108,10 +108,9 @@ class RecordStore:
                 f.flush()
 
 
-def variant_contexts(model, artifacts: list[str], scales: list[float], layer_specs: list[str] | None = None):
+def variant_contexts(model, artifacts: list[str], scales: list[float], layer_specs: list[str]):
     """Yields (Variant, steering vectors or None, context) in order: the base, then each artifact with each layer
-    subset (`--layers` specs; default all) at each scale, one artifact attached at a time."""
-    layer_specs = list(dict.fromkeys(layer_specs or ["all"]))
+    subset (distinct `--layers` specs) at each scale, one artifact attached at a time."""
     if not artifacts:
         yield Variant(BASE), None, contextlib.nullcontext()
         return
@@ -153,6 +152,7 @@ def evaluate(
     `backend` generates (default: `settings.backend` for this model and these artifacts, see brep_rl.rollout)."""
     artifacts = list(artifacts or [])
     scales = list(scales or [1.0])
+    layer_specs = list(dict.fromkeys(layer_specs or ["all"]))
     problems = problems if problems is not None else load_task(
         settings.task, settings.split, settings.limit, settings.offset, settings.seed, settings.question,
         settings.answer_field, rg_config=settings.rg_config, skip_invalid=settings.skip_invalid,
@@ -166,7 +166,7 @@ def evaluate(
     k = settings.samples
     per_batch = max(1, settings.batch_size // k)
     variants = []
-    total = len(problems) * k * (1 + len(artifacts) * len(scales) * len(set(layer_specs or ["all"])))
+    total = len(problems) * k * (1 + len(artifacts) * len(scales) * len(layer_specs))
     bar = tqdm(total=total, desc="eval", unit="sample", disable=not progress, dynamic_ncols=True)
     for variant, steer, context in variant_contexts(model, artifacts, scales, layer_specs):
         variants.append(variant)

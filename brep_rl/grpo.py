@@ -192,21 +192,25 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
         """Generate and score `groups`; with --hint_share, a group no sample of which is right is generated again
         with the start of its reference solution given (the hint sits at the end of the prompt, so the loss and the
         rewards see only what the policy wrote after it)."""
-        scored = self._generate_scored(groups, [[] for _ in groups], ("dynamic", round_))
+        prompt_ids, _, _ = self._tokenize_prompts([group[0]["prompt"] for group in groups])
+        scored = self._generate_scored(groups, prompt_ids, prompt_ids, ("dynamic", round_))
         share = self.hint_share()
         unsolved = [i for i, group in enumerate(scored) if share and not any(group.accuracies) and group.rows[0].get("solution")]
         if unsolved:
-            hints = [hint_ids(self.processing_class, scored[i].rows[0]["solution"], share) for i in unsolved]
-            for i, group in zip(unsolved, self._generate_scored([groups[i] for i in unsolved], hints, ("hint", round_))):
+            hinted = [prompt_ids[i] + hint_ids(self.processing_class, groups[i][0]["solution"], share) for i in unsolved]
+            again = self._generate_scored([groups[i] for i in unsolved], [prompt_ids[i] for i in unsolved], hinted,
+                                          ("hint", round_))
+            for i, group in zip(unsolved, again):
                 scored[i] = group
                 self._hints["informative"] += group.informative
             self._hints["groups"] += len(unsolved)
         return scored
 
-    def _generate_scored(self, groups: list[list[dict]], hints: list[list[int]], purpose: tuple) -> list[ScoredGroup]:
+    def _generate_scored(self, groups: list[list[dict]], prompt_ids: list[list[int]], fed: list[list[int]],
+                         purpose: tuple) -> list[ScoredGroup]:
+        """`fed` (the prompts, hints included) generated and scored; the rollouts are stashed under `prompt_ids`,
+        the prompts TRL will hand back to the rollout function."""
         n = self.num_generations
-        prompt_ids, _, _ = self._tokenize_prompts([group[0]["prompt"] for group in groups])
-        fed = [ids + hint for ids, hint in zip(prompt_ids, hints)]
         rollouts = self.backend.generate(fed, n, self._sampling(*purpose))
         texts = self.processing_class.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
         accuracies = self.accuracy_reward(completions=texts, answer=[row["answer"] for group in groups for row in group])

@@ -134,7 +134,8 @@ class SteeringVectors(nn.Module):
         unknown = sorted(set(layers) - set(self.layer_ids))
         if unknown:
             raise ValueError(f"layers {unknown} are not steered by these vectors (they steer {self.layer_ids})")
-        dropped = [row for row, layer in enumerate(self.layer_ids) if layer not in set(layers)]
+        kept = set(layers)
+        dropped = [row for row, layer in enumerate(self.layer_ids) if layer not in kept]
         saved = {name: p.detach()[dropped].clone() for name, p in self.vectors().items()}
         with torch.no_grad():
             for p in self.vectors().values():
