@@ -346,6 +346,9 @@ class SteeringGRPOConfig(GRPOConfig):
         if self.hint_share and not self.dynamic_sampling:
             raise ConfigError("--hint_share gives hints to groups dynamic sampling finds unsolved: add --dynamic_sampling true")
         _positive("hint_decay_steps", self.hint_decay_steps, allow_none=True)
+        if self.hint_share and self.hint_decay_steps is None and self.max_steps <= 0:
+            raise ConfigError("--hint_share decays to 0 at --hint_decay_steps, which defaults to --max_steps; "
+                              "this run counts epochs (max_steps unset): give --hint_decay_steps")
         fit_to_machine(self)
         super().__post_init__()
 

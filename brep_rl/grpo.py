@@ -223,7 +223,7 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
         """The share of the reference solution a hint gives at this step: --hint_share, falling linearly to 0 at
         --hint_decay_steps (default max_steps)."""
         decay = self.args.hint_decay_steps or self.args.max_steps
-        return self.args.hint_share * max(0.0, 1.0 - self.state.global_step / decay) if decay > 0 else 0.0
+        return self.args.hint_share * max(0.0, 1.0 - self.state.global_step / decay)
 
     def _fresh_groups(self, count: int, round_: int) -> list[list[dict]]:
         """`count` prompts drawn from the training set (or the curriculum's current level), by a generator fixed by
@@ -274,8 +274,8 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
             out = model(input_ids=tail, attention_mask=attention_mask, past_key_values=cache, labels=labels, fused_lm_head=True)
         return out.log_probs[:, -logits_to_keep:], out.entropy[:, -logits_to_keep:] if compute_entropy else None, None
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+    def resumed(self, checkpoint: str) -> None:
+        super().resumed(checkpoint)
         if self.backend is not None:  # the backend holds a copy of the vectors: the resumed ones, from the first step
             self.backend.sync(self.steer)
 

@@ -50,6 +50,7 @@ def test_a_bad_choice_fails_while_parsing_in_one_line(argv, names, tmp_path):
     (["sft", "--truncate_prob", "2"], "--truncate_prob: expected a probability"),
     (["grpo", "--hint_share", "0.5"], "--hint_share gives hints to groups dynamic sampling finds unsolved"),
     (["grpo", "--dynamic_sampling", "true", "--hint_share", "1.5"], "--hint_share: expected a share of the solution"),
+    (["grpo", "--dynamic_sampling", "true", "--hint_share", "0.5", "--max_steps", "-1"], "give --hint_decay_steps"),
     (["eval", "--layers", "5-2"], "--layers: "),
     (["grpo", "--no_such_flag", "1"], "no_such_flag"),
     (["grpo", "--config", "missing.yaml"], "missing.yaml"),
