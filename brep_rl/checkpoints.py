@@ -10,9 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 from brep_rl.errors import ArtifactError, ConfigError
 from brep_rl.files import to_json
@@ -108,6 +114,40 @@ def prepare_output_dir(output_dir: str, resume: str | None, overwrite: bool, is_
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
+
+
+def deepspeed_state_types() -> list:
+    """The classes DeepSpeed pickles into its checkpoints besides tensors and containers (none when DeepSpeed is not
+    in use: a run that uses it has imported it by the time it resumes)."""
+    if "deepspeed" not in sys.modules:
+        return []
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def weights_only_loading(checkpoint: str) -> Iterator[None]:
+    """Resume without running code from a checkpoint: DeepSpeed reads its own state with
+    torch.load(weights_only=False), which unpickles anything. Within this block every torch.load is weights_only
+    (tensors, containers and the DeepSpeed classes above), and a file that holds more is refused, named."""
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_state_types()):
+            yield
+    except pickle.UnpicklingError as error:
+        lines = str(error).splitlines()
+        detail = next((line.strip() for line in lines if "GLOBAL" in line), lines[0] if lines else "")  # the class
+        raise ArtifactError(f"--resume_from_checkpoint {checkpoint}: a file there holds more than tensors and "
+                            f"settings, refused (it could run code when read): {detail}") from None
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
 class StepLog:

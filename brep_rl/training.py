@@ -3,6 +3,7 @@ checkpoints the vectors only (KB, not the base), restrains them after every opti
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -12,11 +13,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from accelerate.utils import DeepSpeedSchedulerWrapper
 from transformers import TrainerCallback
-from transformers.trainer import rotate_checkpoints
+from transformers.trainer import SCHEDULER_NAME, rotate_checkpoints
 
 from brep_rl.arguments import ModelArguments, SteeringArguments, default_threads
-from brep_rl.checkpoints import NORMS, STAGING, StepLog, last_checkpoint, prepare_output_dir, publish_checkpoint
+from brep_rl.checkpoints import (
+    NORMS,
+    STAGING,
+    StepLog,
+    last_checkpoint,
+    prepare_output_dir,
+    publish_checkpoint,
+    weights_only_loading,
+)
 from brep_rl.errors import ConfigError
 from brep_rl.files import write_json
 from brep_rl.model import load_base
@@ -100,6 +110,14 @@ def check_machine(args) -> None:
         raise ConfigError("--fp16: fp16 training needs a GPU; on a CPU train in fp32 (the default) or bf16")
 
 
+def destroy_process_group() -> None:
+    """Stop gloo's worker threads while the interpreter is still alive. Left to the C++ destructors at exit, a rank
+    now and then aborts after finishing its work (SIGABRT, "terminate called without an active exception"): the
+    threads still hold tensors whose release needs the GIL of an interpreter being torn down (pytorch PR 179291)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def configure_cpu_distributed(args) -> None:
     """Make multi-process training on a machine without a GPU work as it does with one. Call before
     TrainingArguments.__post_init__.
@@ -111,6 +129,9 @@ def configure_cpu_distributed(args) -> None:
     """
     if torch.cuda.is_available():
         return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        atexit.unregister(destroy_process_group)  # once, however often the arguments are parsed
+        atexit.register(destroy_process_group)
     if not getattr(args, "deepspeed", None):
         args.use_cpu = True
         return
@@ -161,7 +182,11 @@ def train_and_save(trainer) -> Path:
             logger.warning("resume_from_checkpoint=last: no checkpoint in %s, starting fresh", trainer.args.output_dir)
         else:
             resume = str(resume)
-    trainer.train(resume_from_checkpoint=resume)
+    if resume is None:
+        trainer.train()
+    else:
+        with weights_only_loading(resume):
+            trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     output = Path(trainer.args.output_dir)
     if trainer.is_world_process_zero():  # the whole log history beside the artifact, for scripts/plot_run.py
@@ -225,6 +250,8 @@ class SteeringTrainerMixin:
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if self.is_deepspeed_enabled:  # the engine's checkpoint would otherwise hold the whole frozen base
             self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+            if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+                torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_NAME)  # not in the engine's
             return
         super()._save_optimizer_and_scheduler(output_dir)
 
@@ -246,6 +273,27 @@ class SteeringTrainerMixin:
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        # The first moment a DeepSpeed engine exists, just before the Trainer resumes it: have it resume ours.
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        wrapped = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        if wrapped is not None and not hasattr(wrapped.engine, "load_full_checkpoint"):
+            self._resume_vectors_only(wrapped.engine)
+        return scheduler
+
+    def _resume_vectors_only(self, engine) -> None:
+        """The engine's checkpoint holds what trains, not the frozen base (exclude_frozen_parameters), so the
+        Trainer's strict load of it would fail: load it non-strictly, then our own state (the Trainer calls
+        _load_from_checkpoint only without DeepSpeed)."""
+        engine.load_full_checkpoint = engine.load_checkpoint
+
+        def load_checkpoint(load_dir, *args, **kwargs):
+            loaded = engine.load_full_checkpoint(load_dir, *args, **{**kwargs, "load_module_strict": False})
+            self.resumed(load_dir)
+            return loaded
+
+        engine.load_checkpoint = load_checkpoint
+
     def extra_state(self) -> dict:
         """What a checkpoint must hold besides the Trainer's own state for an exact resume (e.g. a curriculum)."""
         return {}
@@ -256,10 +304,14 @@ class SteeringTrainerMixin:
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         _, tensors = read_artifact(resume_from_checkpoint)
         self.steer.load_tensors(tensors, source=resume_from_checkpoint)
-        state_file = Path(resume_from_checkpoint) / TRAINING_STATE
+        self.resumed(resume_from_checkpoint)
+
+    def resumed(self, checkpoint: str) -> None:
+        """The vectors are back (from our artifact, or from DeepSpeed's engine): restore the rest of our state."""
+        state_file = Path(checkpoint) / TRAINING_STATE
         if state_file.is_file():
             self.load_extra_state(json.loads(state_file.read_text()))
-        logger.info("resumed steering vectors from %s", resume_from_checkpoint)
+        logger.info("resumed steering vectors from %s", checkpoint)
 
     def _load_best_model(self) -> None:
         if self.state.best_model_checkpoint:

@@ -74,13 +74,13 @@ def sft_args(model_dir, out, *extra):
     ]
 
 
-def launch(args, launcher, script="grpo_ranks.py", timeout=900):
+def launch(args, launcher, script="grpo_ranks.py", timeout=900, check=True):
     """Run tests/distributed/<script> under `launcher` (torchrun or accelerate launch) from the repository root."""
     path = os.pathsep.join(map(str, (ROOT, TESTS)))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, DS_ACCELERATOR="cpu")
     cmd = [*launcher, str(TESTS / "distributed" / script), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    assert proc.returncode == 0 or not check, (proc.stdout[-2000:], proc.stderr[-4000:])
     return proc
 
 

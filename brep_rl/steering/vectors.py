@@ -221,11 +221,17 @@ class SteeringVectors(nn.Module):
         radii = self.radii()
         if radii is None:
             return
+        projected = {}
         with self.gathered(modify=True):
-            for p in self.vectors().values():
+            for name, p in self.vectors().items():
                 norms = p.norm(dim=-1)
                 factor = (radii.to(p.device) / norms.clamp_min(1e-12)).clamp(max=1.0)
-                p.mul_(factor[:, None])
+                projected[name] = p.mul_(factor[:, None]).detach().clone()
+        for name, p in self.vectors().items():
+            if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):  # DeepSpeed steps its own fp32 copy and copies it
+                from deepspeed.utils import safe_set_full_fp32_param  # back: the projection must reach it too
+
+                safe_set_full_fp32_param(p, projected[name])
 
     def penalty(self) -> torch.Tensor:
         """`config.penalty` x the summed squared norms: an optional soft restraint to add to a loss."""

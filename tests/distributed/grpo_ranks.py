@@ -11,4 +11,9 @@ if __name__ == "__main__":
     trainer = main(sys.argv[1:])
     rank = int(os.environ.get("RANK", "0"))
     save_file(trainer.steer.state_tensors(), os.path.join(trainer.args.output_dir, f"rank{rank}.safetensors"))
+    if trainer.is_deepspeed_enabled:  # the optimizer's own fp32 copy of the vectors (gathered: every rank calls it)
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        master = {name: safe_get_full_fp32_param(p).contiguous() for name, p in trainer.steer.vectors().items()}
+        save_file(master, os.path.join(trainer.args.output_dir, f"master{rank}.safetensors"))
     print(f"rank {rank} world {trainer.args.world_size} steps {trainer.state.global_step} engine {type(trainer.model_wrapped).__name__}")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import time
 
@@ -22,14 +23,20 @@ def test_two_process_ddp_grpo_gives_identical_vectors(tiny_model_dir, tmp_path, 
     assert rank0["bias"].abs().sum() > 0 and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
 
 
+def zero_config(folder, stage):
+    """The shipped config, with every parameter partitioned under ZeRO-3, the vectors too."""
+    config = folder / f"zero{stage}.json"
+    settings = json.loads((ROOT / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
+    settings["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    config.write_text(json.dumps(settings))
+    return config
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, steps", [(2, 2), (3, 1)])
 def test_two_process_deepspeed_grpo(tiny_model_dir, tmp_path, stage, steps):
     out = tmp_path / f"zero{stage}"
-    config = tmp_path / f"zero{stage}.json"  # the shipped config, with every parameter partitioned under ZeRO-3,
-    settings = json.loads((ROOT / "configs" / "deepspeed" / f"zero{stage}.json").read_text())  # the vectors too
-    settings["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    config.write_text(json.dumps(settings))
+    config = zero_config(tmp_path, stage)
     proc = launch(grpo_args(tiny_model_dir, out, "--deepspeed", str(config), "--max_steps", str(steps), "--save_steps", "1"),
                   torchrun(29540 + stage))
     assert proc.stdout.count(f"world 2 steps {steps} engine DeepSpeedEngine") == 2
@@ -39,6 +46,8 @@ def test_two_process_deepspeed_grpo(tiny_model_dir, tmp_path, stage, steps):
 
     loaded = SteeringVectors.from_pretrained(out, load_base(str(tiny_model_dir))[0])
     assert torch.equal(loaded.bias.detach(), rank0["bias"])
+    master = load_file(out / "master0.safetensors")  # the restraint reached DeepSpeed's fp32 copy too, or the next
+    assert all(torch.equal(master[k], rank0[k]) for k in rank0)  # step would start from the unrestrained vectors
     # DeepSpeed's engine checkpoint keeps what trains plus the tied embedding/output weight, never the decoder layers
     files = list((out / "checkpoint-1" / "global_step1").glob("*model_states.pt"))
     assert files
@@ -46,6 +55,46 @@ def test_two_process_deepspeed_grpo(tiny_model_dir, tmp_path, stage, steps):
         states = torch.load(path, weights_only=False)
         kept = set(states["module"] or {}) - {"brep_steering.bias", "brep_steering.prefix"}
         assert kept <= {"lm_head.weight", "model.embed_tokens.weight"}, (path.name, kept)  # the tied pair at most
+
+
+class RunsCode:
+    """Pickled into a checkpoint, reading it with weights_only=False would touch a file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_resume_equals_the_uninterrupted_run_and_unpickles_no_code(tiny_model_dir, tmp_path, stage):
+    config = zero_config(tmp_path, stage)
+
+    def run(out, *extra, check=True):
+        args = grpo_args(tiny_model_dir, out, "--deepspeed", str(config), "--max_steps", "2", "--save_steps", "1",
+                         "--save_total_limit", "2", *extra)
+        return launch(args, torchrun(29570 + stage), check=check)
+
+    whole = tmp_path / "whole"
+    run(whole)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole / "checkpoint-1", resumed / "checkpoint-1")
+    run(resumed, "--resume_from_checkpoint", "last")
+    want, got = load_file(whole / "rank0.safetensors"), load_file(resumed / "rank0.safetensors")
+    for name in want:  # per layer, as equal as the same seed on the same machine allows
+        difference = (got[name] - want[name]).norm(dim=-1) / want[name].norm(dim=-1).clamp_min(1e-12)
+        assert float(difference.max()) <= 1e-3, (name, difference)
+
+    tampered, marker = tmp_path / "tampered", tmp_path / "code-ran"
+    shutil.copytree(whole / "checkpoint-1", tampered / "checkpoint-1")
+    state = next((tampered / "checkpoint-1" / "global_step1").glob("*model_states.pt"))
+    states = torch.load(state, weights_only=False)
+    torch.save({**states, "extra": RunsCode(marker)}, state)
+    proc = run(tampered, "--resume_from_checkpoint", "last", check=False)
+    assert proc.returncode != 0 and not marker.exists()
+    assert "refused (it could run code when read)" in proc.stderr and "posix.system" in proc.stderr, proc.stderr[-3000:]
 
 
 @pytest.mark.slow
