@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
 import logging
 import os
@@ -59,8 +61,18 @@ def _build_once(target: Path, build) -> Path:
 
 
 def _cache_name(gguf: Path) -> str:
+    """Keyed by the file's content, not its date: a reinstall of the same file (every fresh venv) reuses the cache."""
     stat = gguf.stat()
-    return f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    return f"{gguf.stem}-{_content_digest(str(gguf), stat.st_size, stat.st_mtime)}"
+
+
+@functools.lru_cache
+def _content_digest(path: str, size: int, mtime: float) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def gguf_to_hf_folder(gguf: Path) -> Path:

@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 
@@ -7,7 +8,7 @@ import torch
 
 from brep_rl import SteeringConfig, SteeringVectors, load_base
 from brep_rl.cli import main as cli_main
-from brep_rl.model import gguf_to_hf_folder, smollm2_gguf
+from brep_rl.model import gguf_as_f32, gguf_to_hf_folder, smollm2_gguf
 from testing_utils import make_tiny
 
 
@@ -52,7 +53,7 @@ def test_inspect_prints_config_and_norms(tmp_path, tiny_llama, capsys):
 def test_concurrent_gguf_conversion_makes_one_valid_cache(tmp_path):
     """Two processes converting the same GGUF at once: one converts, the other waits and reuses it."""
     env = dict(os.environ, BREP_RL_CACHE=str(tmp_path), OMP_NUM_THREADS="1")
-    code = "from brep_rl.model import gguf_to_hf_folder, smollm2_gguf; print(gguf_to_hf_folder(smollm2_gguf()))"
+    code = "from brep_rl.model import gguf_as_f32, gguf_to_hf_folder, smollm2_gguf; print(gguf_to_hf_folder(smollm2_gguf()))"
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
@@ -61,6 +62,16 @@ def test_concurrent_gguf_conversion_makes_one_valid_cache(tmp_path):
     entries = sorted(p.name for p in (tmp_path / "hf").iterdir())
     assert len(entries) == 2 and entries[1].endswith(".lock"), entries  # the folder and its lock, no temp folder
     assert (tmp_path / "hf" / entries[0] / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_reinstalled_gguf_reuses_the_conversion(tmp_path):
+    """A fresh venv installs the same GGUF with a new date: the cached conversions are found by content."""
+    copy = tmp_path / smollm2_gguf().name
+    shutil.copyfile(smollm2_gguf(), copy)
+    os.utime(copy, (1e9, 1e9))
+    assert gguf_to_hf_folder(copy) == gguf_to_hf_folder(smollm2_gguf())
+    assert gguf_as_f32(copy) == gguf_as_f32(smollm2_gguf())
 
 
 @pytest.mark.slow
