@@ -226,8 +226,8 @@ class GRPODataArguments(TaskArguments):
 
 @dataclass
 class ValidationArguments:
-    """Greedy accuracy on held-out problems every `validation_steps` optimizer steps during training, the best vectors
-    kept in output_dir/best (off while validation_steps is 0)."""
+    """Greedy accuracy (and pass@k of sampled answers) on held-out problems every `validation_steps` optimizer steps
+    during training, the best vectors kept in output_dir/best (off while validation_steps is 0)."""
 
     validation_steps: int = field(default=0, metadata={"help": "validate every N steps (0: never)"})
     validation_task: str | None = field(default=None, metadata={"help": "default: the training task"})
@@ -237,11 +237,23 @@ class ValidationArguments:
     validation_limit: int = 100
     validation_rg_config: str | None = field(default=None, metadata={"help": "default: the training task's"})
     validation_max_new_tokens: int = 32
+    validation_samples: int = field(default=0, metadata={
+        "help": "also sample k answers per problem at --validation_temperature and log pass@k, the room RL has "
+                "(0: greedy only)"})
+    validation_temperature: float = 0.7
+    validation_pick: Literal["accuracy", "pass@k"] = field(default="accuracy", metadata={
+        "help": "what output_dir/best keeps the highest of: greedy accuracy, or pass@k (for an SFT run that starts RL)"})
 
     def __post_init__(self) -> None:
         _non_negative("validation_steps", self.validation_steps)
         _positive("validation_limit", self.validation_limit)
         _positive("validation_max_new_tokens", self.validation_max_new_tokens)
+        _non_negative("validation_samples", self.validation_samples)
+        if self.validation_samples and self.validation_temperature <= 0:
+            raise ConfigError(f"--validation_temperature: sampling {self.validation_samples} answers needs a "
+                              f"temperature > 0, got {self.validation_temperature}")
+        if self.validation_pick == "pass@k" and not self.validation_samples:
+            raise ConfigError("--validation_pick pass@k needs --validation_samples k (the answers sampled per problem)")
         self.validation_rg_config = _json_flag("validation_rg_config", self.validation_rg_config)
         if self.validation_split == "test":
             raise ConfigError("--validation_split: choosing checkpoints on the test split biases the test; use train "

@@ -1,6 +1,8 @@
 """Validation during training: every N optimizer steps, greedy accuracy of the current vectors on held-out problems,
-through the rollout backend; `validation.jsonl` gets (step, accuracy, wall-clock seconds) and the best vectors so
-far are saved to `output_dir/best` (the checkpoint a long run should be judged by, chosen without the test split).
+through the rollout backend, and with --validation_samples k also pass@k of k sampled answers (the share of problems
+some sample gets right: where GRPO can find a signal); `validation.jsonl` gets (step, accuracy, pass@k, wall-clock
+seconds) and the best vectors so far by --validation_pick are saved to `output_dir/best` (the checkpoint a long run
+should be judged by, chosen without the test split).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from transformers import TrainerCallback
 from brep_rl.arguments import ValidationArguments
 from brep_rl.checkpoints import StepLog
 from brep_rl.data import Problem, chat_prompt_ids
-from brep_rl.rollout import Backend, Sampling, TransformersBackend
+from brep_rl.rollout import Backend, Sampling, TransformersBackend, hash_seed
 from reward import reward_function
 
 logger = logging.getLogger(__name__)
@@ -32,6 +34,11 @@ class ValidationCallback(TrainerCallback):
         self.problems = problems
         self.every = args.validation_steps
         self.sampling = Sampling(args.validation_max_new_tokens, temperature=0.0)
+        self.samples = args.validation_samples
+        # one seed for every validation of the run: the steps differ by their vectors, not by luck of the draw
+        self.sampled = Sampling(args.validation_max_new_tokens, temperature=args.validation_temperature,
+                                seed=hash_seed(trainer.args.seed, "validation"))
+        self.pick = args.validation_pick
         tokenizer = trainer.processing_class
         self.prompt_ids = chat_prompt_ids(tokenizer, problems, instruction, system_prompt)
         self.accuracy = reward_function("accuracy", fallback)
@@ -53,19 +60,24 @@ class ValidationCallback(TrainerCallback):
             self.validate(args, state)
 
     def validate(self, args, state) -> None:
-        accuracy = self.measure()
-        best = max((row["accuracy"] for row in self.log.rows.values()), default=-1.0)
+        row = self.measure()
+        metric = "accuracy" if self.pick == "accuracy" else "pass@k"
+        best = max((previous[metric] for previous in self.log.rows.values()), default=-1.0)
         seconds = self.elapsed_before + time.perf_counter() - self.started
-        self.log.record(state.global_step, {"accuracy": accuracy, "n": len(self.problems), "seconds": round(seconds, 1)})
-        line = f"validation at step {state.global_step}: {accuracy:.1%} of {len(self.problems)} (greedy)"
-        if accuracy > best:
+        self.log.record(state.global_step, {**row, "n": len(self.problems), "seconds": round(seconds, 1)})
+        line = f"validation at step {state.global_step}: {row['accuracy']:.1%} of {len(self.problems)} (greedy)"
+        if self.samples:
+            line += f", pass@{self.samples} {row['pass@k']:.1%} (per sample {row['sample_accuracy']:.1%})"
+        if row[metric] > best:
             steer = self.trainer.steer
-            steer.config.provenance.update({**self.trainer.provenance(), "validation_accuracy": accuracy})
+            steer.config.provenance.update({**self.trainer.provenance(), "validation_accuracy": row["accuracy"],
+                                            **({"validation_pass@k": row["pass@k"]} if self.samples else {})})
             steer.save_pretrained(Path(args.output_dir) / BEST)
             line += f", best so far: saved to {Path(args.output_dir) / BEST}"
         print(line, flush=True)
 
-    def measure(self) -> float:
+    def measure(self) -> dict[str, float]:
+        """Greedy accuracy; with samples, pass@k (k = samples) and the accuracy per sample too."""
         backend = self.backend or TransformersBackend(self.trainer.accelerator.unwrap_model(self.trainer.model),
                                                       self.trainer.processing_class)
         backend.sync(self.trainer.steer)  # the vectors as they are after this step
@@ -73,9 +85,18 @@ class ValidationCallback(TrainerCallback):
         was_training = model.training
         model.eval()
         try:
-            rollouts = backend.generate(self.prompt_ids, 1, self.sampling)
+            row = {"accuracy": sum(self.scores(backend, 1, self.sampling)) / len(self.problems)}
+            if self.samples:
+                scores = self.scores(backend, self.samples, self.sampled)
+                groups = [scores[i:i + self.samples] for i in range(0, len(scores), self.samples)]
+                row["k"], row["pass@k"] = self.samples, sum(max(group) for group in groups) / len(groups)
+                row["sample_accuracy"] = sum(scores) / len(scores)
         finally:
             model.train(was_training)
+        return row
+
+    def scores(self, backend: Backend, n: int, sampling: Sampling) -> list[float]:
+        """0/1 per answer, n answers per problem (problem-major)."""
+        rollouts = backend.generate(self.prompt_ids, n, sampling)
         texts = self.trainer.processing_class.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
-        scores = self.accuracy(completions=texts, answer=[p.answer for p in self.problems])
-        return sum(scores) / len(scores)
+        return self.accuracy(completions=texts, answer=[p.answer for p in self.problems for _ in range(n)])

@@ -1,13 +1,19 @@
-"""Validation during training: greedy accuracy every N steps, a log per step, the best vectors kept."""
+"""Validation during training: greedy accuracy (and pass@k) every N steps, a log per step, the best vectors kept."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
-from brep_rl import SteeringVectors, load_base
+from brep_rl import SteeringConfig, SteeringVectors, load_base
+from brep_rl.arguments import ValidationArguments
 from brep_rl.cli import main
+from brep_rl.data import Problem
 from brep_rl.grpo import main as grpo_main
+from brep_rl.rollout import Rollouts
 from brep_rl.sft import main as sft_main
+from brep_rl.steering import read_artifact
+from brep_rl.validation import ValidationCallback
 from testing_utils import grpo_args, sft_args
 
 
@@ -28,3 +34,52 @@ def test_validation_on_the_test_split_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["grpo", "--validation_steps", "5", "--validation_split", "test"])
     assert "--validation_split: choosing checkpoints on the test split biases the test" in capsys.readouterr().err
+
+
+class ScriptedBackend:
+    """Answers by a script: greedy answers first, then (problem-major) the sampled ones."""
+
+    def __init__(self, tokenizer, greedy, sampled):
+        self.tokenizer, self.script = tokenizer, {0.0: greedy, 1.0: sampled}
+
+    def sync(self, steer):
+        pass
+
+    def generate(self, prompt_ids, n, sampling):
+        texts = self.script[sampling.temperature]
+        assert len(texts) == len(prompt_ids) * n
+        ids = [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+        return Rollouts([p for p in prompt_ids for _ in range(n)], ids, None, 0.0)
+
+
+@pytest.mark.parametrize("pick", ["accuracy", "pass@k"])
+def test_validation_logs_pass_at_k_and_keeps_the_best_by_the_metric_picked(pick, tiny_llama, tokenizer, tmp_path):
+    problems = [Problem("a", "1 + 0 = ?", "1"), Problem("b", "1 + 1 = ?", "2")]
+    steer = SteeringVectors.attach(tiny_llama, SteeringConfig(mode="bias"))
+    trainer = SimpleNamespace(steer=steer, model=tiny_llama, processing_class=tokenizer, provenance=dict,
+                              args=SimpleNamespace(output_dir=str(tmp_path), seed=0))
+    args = ValidationArguments(validation_steps=1, validation_samples=3, validation_temperature=1.0,
+                               validation_pick=pick)
+    steps = [  # step 1: greedy right on both, one sample right; step 2: greedy right on one, some sample on both
+        ScriptedBackend(tokenizer, ["#### 1", "#### 2"], ["#### 1", "#### 0", "#### 0", "#### 0", "#### 0", "#### 0"]),
+        ScriptedBackend(tokenizer, ["#### 1", "#### 0"], ["#### 0", "#### 1", "#### 0", "#### 2", "#### 2", "#### 0"]),
+    ]
+    callback = ValidationCallback(trainer, problems, args, None, None, "last_number", steps[0])
+    for step, backend in enumerate(steps, 1):
+        callback.backend = backend
+        callback.validate(trainer.args, SimpleNamespace(global_step=step))
+    rows = [json.loads(line) for line in (tmp_path / "validation.jsonl").read_text().splitlines()]
+    assert [(r["accuracy"], r["pass@k"], round(r["sample_accuracy"], 3), r["k"]) for r in rows] == [
+        (1.0, 0.5, 0.167, 3), (0.5, 1.0, 0.5, 3)]
+    config, _ = read_artifact(tmp_path / "best")
+    assert config.provenance["validation_pass@k"] == (0.5 if pick == "accuracy" else 1.0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--validation_pick", "pass@k"], "--validation_pick pass@k needs --validation_samples"),
+    (["--validation_samples", "4", "--validation_temperature", "0"], "--validation_temperature: sampling 4 answers"),
+])
+def test_pass_at_k_settings_are_checked(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main(["sft", "--validation_steps", "5", *argv])
+    assert message in capsys.readouterr().err
