@@ -202,6 +202,31 @@ def rg_solution(meta: dict[str, Any], answer: str) -> str | None:
     return None
 
 
+_SUM = re.compile(r"-?\d+(?: [+-] \d+)+")
+
+
+def scratchpad_solution(expression: str) -> str | None:
+    """A sum like "1 - 5 + 12" worked left to right, one line per operation, every line an addition or subtraction
+    of non-negative numbers with the sign taken outside ("1 - 5 = -(5 - 1) = -4"), where small models err most;
+    None for anything but integers joined by + and -."""
+    if not _SUM.fullmatch(expression.strip()):
+        return None
+    first, *rest = expression.split()
+    total, lines = int(first), []
+    for op, term in zip(rest[::2], map(int, rest[1::2]), strict=True):
+        result = total + term if op == "+" else total - term
+        line = f"{total} {op} {term} = "
+        if total < 0 and op == "+":
+            line += f"{term} - {-total} = " if result >= 0 else f"-({-total} - {term}) = "
+        elif total < 0:
+            line += f"-({-total} + {term}) = "
+        elif op == "-" and term > total:
+            line += f"-({term} - {total}) = "
+        lines.append(f"{line}{result}")
+        total = result
+    return "\n".join([*lines, f"#### {total}"])
+
+
 def rg_problem(entry: dict[str, Any], problem_id: str) -> Problem:
     """A reasoning-gym entry as a Problem: its scalar metadata kept, a worked solution where one can be made."""
     meta = {k: v for k, v in entry.get("metadata", {}).items() if isinstance(v, (str, int, float, bool))}

@@ -24,7 +24,7 @@ from brep_rl.arguments import (
     SteeringSFTConfig,
     ValidationArguments,
 )
-from brep_rl.data import DEFAULT_INSTRUCTION, Problem, chat_prompt_ids, prompt_batch
+from brep_rl.data import DEFAULT_INSTRUCTION, Problem, chat_prompt_ids, prompt_batch, scratchpad_solution
 from brep_rl.errors import DataError
 from brep_rl.rollout import Sampling, hash_seed, make_backend
 from brep_rl.training import (
@@ -153,10 +153,25 @@ def self_solutions(problems: list[Problem], model, tokenizer, steer, model_name:
     return kept
 
 
+def with_scratchpads(problems: list[Problem], task: str) -> list[Problem]:
+    """Each problem's solution replaced by a scratchpad of its sum (problems that are not sums are dropped)."""
+    worked = [dataclasses.replace(p, solution=pad) for p in problems
+              if (pad := scratchpad_solution(str(p.meta.get("expression", "")))) is not None]
+    if not worked:
+        raise DataError(f"--solutions scratchpad: no problem of task {task!r} is a sum of integers (+ and - only) "
+                        "in its metadata's expression (e.g. rg:chain_sum)")
+    if len(worked) < len(problems):
+        logger.warning("--solutions scratchpad: %d of %d problems are not sums and are left out",
+                       len(problems) - len(worked), len(problems))
+    return worked
+
+
 def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args: SFTDataArguments, train_args: SteeringSFTConfig, val_args: ValidationArguments | None = None) -> SteeringSFTTrainer:
     """Train, save the artifact to output_dir, report held-out loss before/after and (main process) a short eval."""
     claim_output_dir(train_args)
     problems = data_args.load_problems(train_args.seed, data_args.solution_field)
+    if data_args.solutions == "scratchpad":
+        problems = with_scratchpads(problems, data_args.task)
     if data_args.heldout >= len(problems):
         raise DataError(f"heldout={data_args.heldout} leaves no training problems out of {len(problems)}")
     train_problems, heldout_problems = problems[: len(problems) - data_args.heldout], problems[len(problems) - data_args.heldout :]

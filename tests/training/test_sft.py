@@ -1,9 +1,10 @@
 import json
+import re
 
 import pytest
 import torch
 
-from brep_rl.data import Problem
+from brep_rl.data import Problem, scratchpad_solution
 from brep_rl.sft import SFTCollator, build_sft_examples
 from brep_rl.sft import main as sft_main
 from testing_utils import sft_args
@@ -113,3 +114,26 @@ def test_rejection_sampling_trains_on_the_models_own_correct_samples(tiny_model_
     for row in trainer.train_dataset:  # every target is a sample of the model itself, not the reference solution
         target = trainer.processing_class.decode([t for t in row["labels"] if t != -100], skip_special_tokens=True)
         assert "####" not in target
+
+
+@pytest.mark.parametrize("expression, lines", [
+    ("967 + 921 - 882", ["967 + 921 = 1888", "1888 - 882 = 1006", "#### 1006"]),
+    ("1 - 5 - 2", ["1 - 5 = -(5 - 1) = -4", "-4 - 2 = -(4 + 2) = -6", "#### -6"]),
+    ("-4 + 9", ["-4 + 9 = 9 - 4 = 5", "#### 5"]),
+    ("-9 + 4", ["-9 + 4 = -(9 - 4) = -5", "#### -5"]),
+    ("2 * 3", None),
+    ("12", None),
+])
+def test_a_scratchpad_works_a_sum_one_operation_a_line(expression, lines):
+    assert scratchpad_solution(expression) == ("\n".join(lines) if lines else None)
+
+
+def test_sft_on_scratchpads_trains_on_the_worked_sums(tiny_model_dir, tmp_path):
+    three_terms = '{"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 2}'
+    trainer = sft_main(sft_args(tiny_model_dir, tmp_path / "pad", "--task", "rg:chain_sum", "--rg_config", three_terms,
+                                "--solutions", "scratchpad", "--truncate_prob", "0", "--max_steps", "1"))
+    targets = [trainer.processing_class.decode([t for t in row["labels"] if t != -100], skip_special_tokens=True)
+               for row in trainer.train_dataset]  # two lines of one operation each, then the answer
+    assert targets and all(re.fullmatch(r"(-?\d+ [+-] \d+ = [^\n]+\n){2}#### -?\d+", t) for t in targets), targets[:3]
+    with pytest.raises(ValueError, match="--solutions scratchpad: no problem of task 'gsm8k' is a sum"):
+        sft_main(sft_args(tiny_model_dir, tmp_path / "gsm", "--solutions", "scratchpad"))
