@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from brep_rl.arguments import ValidationArguments
 from brep_rl.checkpoints import StepLog
 from brep_rl.data import Problem, chat_prompt_ids
+from brep_rl.metrics import pass_at_k
 from brep_rl.rollout import Backend, Sampling, TransformersBackend, hash_seed
 from reward import reward_function
 
@@ -61,7 +62,7 @@ class ValidationCallback(TrainerCallback):
 
     def validate(self, args, state) -> None:
         row = self.measure()
-        metric = "accuracy" if self.pick == "accuracy" else "pass@k"
+        metric = self.pick  # "accuracy" or "pass@k": the names of the row's fields
         best = max((previous[metric] for previous in self.log.rows.values()), default=-1.0)
         seconds = self.elapsed_before + time.perf_counter() - self.started
         self.log.record(state.global_step, {**row, "n": len(self.problems), "seconds": round(seconds, 1)})
@@ -89,7 +90,8 @@ class ValidationCallback(TrainerCallback):
             if self.samples:
                 scores = self.scores(backend, self.samples, self.sampled)
                 groups = [scores[i:i + self.samples] for i in range(0, len(scores), self.samples)]
-                row["k"], row["pass@k"] = self.samples, sum(max(group) for group in groups) / len(groups)
+                row["k"] = self.samples
+                row["pass@k"] = sum(pass_at_k(self.samples, sum(g), self.samples) for g in groups) / len(groups)
                 row["sample_accuracy"] = sum(scores) / len(scores)
         finally:
             model.train(was_training)
