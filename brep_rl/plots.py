@@ -100,19 +100,27 @@ def plot_matrix(results: dict[str, Any], output_dir: Path) -> Path:
     return out
 
 
-def plot_validation(runs: dict[str, Path], out: Path) -> Path:
-    """Validation accuracy (validation.jsonl) of several runs against optimizer steps and against wall-clock minutes,
-    on one figure: e.g. SFT-only and SFT -> GRPO, each from where it starts."""
+def validation_curve(run: Path, after: tuple[int, float] = (0, 0.0)) -> tuple[list[int], list[float], list[float]]:
+    """(optimizer steps, wall-clock minutes, greedy accuracy %) of a run's validation.jsonl, shifted by `after`, the
+    (steps, seconds) of the stage the run started from, so that SFT -> GRPO is drawn from the start of its SFT."""
+    path = run / "validation.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no validation log (train with --validation_steps N)")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    steps, seconds = after
+    return ([steps + r["step"] for r in rows], [(seconds + r["seconds"]) / 60 for r in rows],
+            [100 * r["accuracy"] for r in rows])
+
+
+def plot_validation(runs: dict[str, Path], out: Path, after: dict[str, tuple[int, float]] | None = None) -> Path:
+    """Validation accuracy of several runs against optimizer steps and against wall-clock minutes, on one figure: e.g.
+    SFT-only and SFT -> GRPO, the second shifted by its SFT stage (`after`: label -> (steps, seconds))."""
     plt = _pyplot()
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
     for label, run in runs.items():
-        path = run / "validation.jsonl"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no validation log (train with --validation_steps N)")
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        accuracy = [100 * r["accuracy"] for r in rows]
-        by_step.plot([r["step"] for r in rows], accuracy, marker=".", label=label)
-        by_time.plot([r["seconds"] / 60 for r in rows], accuracy, marker=".", label=label)
+        steps, minutes, accuracy = validation_curve(run, (after or {}).get(label, (0, 0.0)))
+        by_step.plot(steps, accuracy, marker=".", label=label)
+        by_time.plot(minutes, accuracy, marker=".", label=label)
     by_step.set_xlabel("optimizer step")
     by_time.set_xlabel("wall-clock minutes (2 CPU cores)")
     for ax in (by_step, by_time):

@@ -83,3 +83,28 @@ def test_pass_at_k_settings_are_checked(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(["sft", "--validation_steps", "5", *argv])
     assert message in capsys.readouterr().err
+
+
+def test_a_second_stage_is_drawn_after_the_first(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    from brep_rl.plots import validation_curve
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[2] / "scripts"))
+    from plot_run import main as plot_main
+
+    run = tmp_path / "sft_grpo"
+    run.mkdir()
+    rows = [{"step": 0, "accuracy": 0.4, "seconds": 3.0}, {"step": 10, "accuracy": 0.5, "seconds": 123.0}]
+    (run / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    steps, minutes, accuracy = validation_curve(run)
+    assert steps == [0, 10] and minutes == pytest.approx([0.05, 2.05]) and accuracy == [40.0, 50.0]
+    steps, minutes, _ = validation_curve(run, (48, 597.0))  # after a 48-step, 597-second first stage
+    assert steps == [48, 58] and minutes == pytest.approx([10.0, 12.0])
+
+    out = tmp_path / "v.png"
+    assert plot_main(["--validation", f"sft+grpo={run}", "--after", "sft+grpo=48,597", "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+    for after, message in [("sft+grpo=48", "expected LABEL=STEPS,SECONDS"), ("sft=48,597", "not among the --validation")]:
+        with pytest.raises(SystemExit):
+            plot_main(["--validation", f"sft+grpo={run}", "--after", after, "--out", str(out)])
+        assert message in capsys.readouterr().err
