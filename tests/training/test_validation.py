@@ -14,7 +14,7 @@ from brep_rl.rollout import Rollouts
 from brep_rl.sft import main as sft_main
 from brep_rl.steering import read_artifact
 from brep_rl.validation import ValidationCallback
-from testing_utils import grpo_args, sft_args
+from testing_utils import ROOT, grpo_args, sft_args
 
 
 @pytest.mark.parametrize("stage", ["grpo", "sft"])
@@ -86,10 +86,8 @@ def test_pass_at_k_settings_are_checked(argv, message, capsys):
 
 
 def test_a_second_stage_is_drawn_after_the_first(tmp_path, monkeypatch, capsys):
-    from pathlib import Path
-
     from brep_rl.plots import validation_curve
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[2] / "scripts"))
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     from plot_run import main as plot_main
 
     run = tmp_path / "sft_grpo"
