@@ -27,7 +27,7 @@ demo: setup
 
 # Every benchmark, one after another (run nothing else meanwhile): JSON + markdown tables in benchmarks/results/.
 bench: setup
-	@cd benchmarks && for b in generation_overhead verifier_throughput rollout_backends grpo_cost multi_process; do \
+	@cd benchmarks && for b in generation_overhead verifier_throughput rollout_backends gsm8k_eval_time grpo_cost multi_process; do \
 		echo "== $$b"; ../$(PY) $$b.py || exit 1; done
 
 # The learning-evidence matrix (docs/results.md): every variant trained, picked on validation, reported on test and

@@ -168,6 +168,19 @@ class LlamaCppBackend:
         pointer = self.lib.llama_get_logits_ith(self.ctx, index)
         return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).astype(np.float64)  # a copy: the buffer is reused
 
+    def _compact(self, active: list[int], slot: list[int], memory) -> list[int]:
+        """Move the caches of the sequences still running into streams 0..len(active)-1 (updating `slot`) and return
+        them in stream order. llama.cpp decodes a contiguous run of streams several times faster than as many
+        scattered ones (SmolLM2, 2 threads: 32 of 64 streams take 103 ms contiguous, 810 ms every other one), and
+        sequences stop at different lengths."""
+        holes = sorted(set(range(len(active))) - {slot[s] for s in active})
+        movers = [s for s in active if slot[s] >= len(active)]
+        for hole, s in zip(holes, movers):
+            self.lib.llama_memory_seq_rm(memory, hole, -1, -1)
+            self.lib.llama_memory_seq_cp(memory, slot[s], hole, -1, -1)  # a whole-stream copy, done before the next decode
+            slot[s] = hole
+        return sorted(active, key=slot.__getitem__)
+
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling) -> Rollouts:
         if self.steered is None:
             self.sync(None)
@@ -192,6 +205,7 @@ class LlamaCppBackend:
 
         completions: list[list[int]] = [[] for _ in range(sequences)]
         logprobs: list[list[float]] = [[] for _ in range(sequences)]
+        slot = list(range(sequences))  # the llama.cpp sequence id (KV stream) that holds each sequence's cache
         active = list(range(sequences))
         for step in range(sampling.max_new_tokens):
             feed = []
@@ -201,11 +215,11 @@ class LlamaCppBackend:
                 logprobs[s].append(logprob)
                 if token not in self.stop_ids and step + 1 < sampling.max_new_tokens:
                     feed.append(s)
-            active = feed
+            active = self._compact(feed, slot, memory)
             if not active:
                 break
             # the token fed now sits at answer position `step`: still inside the prefix window while step < k
             self._apply(self.steered if step < self.prefix_tokens else self.unsteered)
-            self._decode([(completions[s][-1], len(prompt_ids[s // n]) + step, s, True) for s in active])
+            self._decode([(completions[s][-1], len(prompt_ids[s // n]) + step, slot[s], True) for s in active])
             next_logits = {s: self._logits(i) for i, s in enumerate(active)}
         return Rollouts([p for p in prompt_ids for _ in range(n)], completions, logprobs, time.perf_counter() - start)

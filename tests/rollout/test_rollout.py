@@ -179,6 +179,33 @@ def test_sampled_groups_share_the_prompt_cache_and_report_the_sampling_logprobs(
 
 
 @pytest.mark.slow
+def test_sequences_that_stop_early_hand_their_streams_to_those_still_running(smollm2, llama, monkeypatch):
+    model, tok = smollm2
+    steer = random_vectors(model, "bias", seed=6)
+    try:
+        ids = chat_ids(tok, MORE_PROMPTS)
+        llama.sync(steer)
+        sampling = Sampling(16, temperature=1.0, seed=8)
+        free = llama.generate(ids, 2, sampling).completion_ids
+        # stop at tokens the free run sampled at different depths, so that sequences end at different steps
+        monkeypatch.setattr(llama, "stop_ids", {free[0][2], free[3][6], free[6][10]})
+        decoded: list[list[int]] = []  # the sequence ids of each llama_decode
+        decode = llama._decode
+        monkeypatch.setattr(llama, "_decode", lambda entries: (decoded.append([e[2] for e in entries]), decode(entries))[1])
+        out = llama.generate(ids, 2, sampling)
+        assert len({len(c) for c in out.completion_ids}) >= 3
+        steps = decoded[len(ids):]  # after one prefill call per prompt
+        assert len({len(seqs) for seqs in steps}) >= 3
+        assert all(seqs == list(range(len(seqs))) for seqs in steps)  # the running sequences sit in streams 0..m-1
+        for prompt, completion, logprobs in zip(out.prompt_ids, out.completion_ids, out.logprobs):
+            logp = hf_logprobs(model, steer, prompt, completion)
+            error = (logp[torch.arange(len(completion)), completion] - torch.tensor(logprobs, dtype=torch.float64)).abs()
+            assert error.max() < 0.05  # each sequence continued from its own cache after the moves
+    finally:
+        steer.detach()
+
+
+@pytest.mark.slow
 def test_vectors_take_effect_only_when_synced(smollm2, llama):
     model, tok = smollm2
     steer = SteeringVectors.attach(model, SteeringConfig(layers=list(range(1, 30))))
