@@ -209,7 +209,7 @@ class LlamaCppBackend:
         active = list(range(sequences))
         for step in range(sampling.max_new_tokens):
             feed = []
-            for s in active:
+            for s in sorted(active):  # draw in sequence order, whichever stream holds each
                 token, logprob = sample_token(next_logits[s], sampling, rng)
                 completions[s].append(token)
                 logprobs[s].append(logprob)
