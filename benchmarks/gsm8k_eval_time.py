@@ -44,7 +44,7 @@ def main() -> None:
             start = time.perf_counter()
             summary = evaluate(model, tokenizer, settings, artifacts, output=output, progress=False, backend=backend)
             seconds = time.perf_counter() - start
-            result = summary["models"]["base" if label == "base" else next(m for m in summary["models"] if m != "base")]
+            result = list(summary["models"].values())[-1]  # the variant this call added
             rows.append({"variant": label, "problems": args.problems, "mean tokens": result["mean_tokens"],
                          "seconds": seconds, "s per problem": seconds / args.problems,
                          "full test, min (projected)": seconds / args.problems * GSM8K_TEST / 60})
