@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperatures", default="0.7,1.0")
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch_size", type=int, default=128,
+                        help="sequences decoded at once; at least 2x --samples lets a problem start while another ends")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     ks = [int(k) for k in args.ks.split(",")]
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     for temperature in map(float, args.temperatures.split(",")):
         settings = EvalSettings(task=args.task, split=args.split, limit=len(problems), samples=args.samples,
                                 temperature=temperature, max_new_tokens=args.max_new_tokens, rg_config=args.rg_config,
-                                batch_size=64)
+                                batch_size=args.batch_size)
         output = Path("runs/headroom") / f"{args.name}-T{temperature}"
         start = time.perf_counter()
         evaluate(model, tokenizer, settings, args.steering, [1.0], output, problems=problems)
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     write(f"headroom-{args.name}", f"Headroom: pass@k on {args.task} ({args.split}, n={len(problems)}, "
           f"{args.samples} samples, {args.max_new_tokens} tokens)", rows,
           notes="pass@k unbiased (Chen et al. 2021) from the samples of each problem; `per sample` = mean accuracy.",
-          task=args.task, rg_config=args.rg_config, steering=args.steering, threads=args.threads)
+          task=args.task, rg_config=args.rg_config, steering=args.steering, threads=args.threads,
+          batch_size=args.batch_size)
     return 0
 
 

@@ -380,7 +380,7 @@ class EvalSettings(TaskArguments):
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
     top_p: float = 1.0
     max_new_tokens: int = 256
-    batch_size: int = field(default=16, metadata={"help": "sequences per generate call"})
+    batch_size: int = field(default=16, metadata={"help": "sequences decoded at once (llama.cpp starts the next problem as soon as one is done)"})
     seed: int = 0
     fallback: Fallback = field(default="last_number", metadata={"help": "answer extraction when there is no \\boxed{} or ####"})
     backend: BackendChoice = field(default="auto", metadata={"help": "what generates: auto picks llama.cpp for a GGUF base "

@@ -26,7 +26,7 @@ from brep_rl.data import Problem, chat_prompt, chat_prompt_ids, load_task
 from brep_rl.errors import ConfigError
 from brep_rl.files import to_json, write_json
 from brep_rl.metrics import accuracy_interval, majority_vote, paired_difference, pass_at_k
-from brep_rl.rollout import Backend, Rollouts, Sampling, hash_seed, make_backend
+from brep_rl.rollout import Backend, Rollouts, Sampling, generate_each, hash_seed, make_backend
 from brep_rl.steering import CONFIG_NAME, WEIGHTS_NAME, SteeringVectors, read_artifact
 from reward import default_verifier, extract_answer, has_final_answer_format
 
@@ -164,7 +164,6 @@ def evaluate(
     prompts = {p.id: chat_prompt(tokenizer, p.question, settings.instruction, settings.system_prompt) for p in problems}
     prompt_ids = dict(zip(prompts, chat_prompt_ids(tokenizer, problems, settings.instruction, settings.system_prompt)))
     k = settings.samples
-    per_batch = max(1, settings.batch_size // k)
     variants = []
     total = len(problems) * k * (1 + len(artifacts) * len(scales) * len(layer_specs))
     bar = tqdm(total=total, desc="eval", unit="sample", disable=not progress, dynamic_ncols=True)
@@ -173,16 +172,17 @@ def evaluate(
         store.check_artifact(variant.label, variant.artifact)
         todo = [p for p in problems if not store.done(variant.label, p, k)]
         bar.update((len(problems) - len(todo)) * k)
+        bar.set_postfix_str(f"{variant.label} ({backend.name})")
+        # a problem's samples are seeded by the problem alone: the same whatever the batch, the order or a resume,
+        # and the same random numbers for every variant (paired draws: differences are the vectors', not luck's)
+        seeds = [hash_seed(settings.seed, p.id) for p in todo]
+        sampling = Sampling(settings.max_new_tokens, settings.temperature, settings.top_p)
         with context:
             backend.sync(steer)
-            for i in range(0, len(todo), per_batch):
-                batch = todo[i : i + per_batch]
-                bar.set_postfix_str(f"{variant.label} ({backend.name})")
-                sampling = Sampling(settings.max_new_tokens, settings.temperature, settings.top_p,
-                                    seed=hash_seed(settings.seed, variant.label, batch[0].id))
-                rollouts = backend.generate([prompt_ids[p.id] for p in batch], k, sampling)
-                store.add(score(variant, batch, prompts, rollouts, tokenizer, settings))
-                bar.update(len(batch) * k)
+            each = generate_each(backend, [prompt_ids[p.id] for p in todo], k, sampling, seeds, settings.batch_size)
+            for i, rollouts in each:
+                store.add(score(variant, [todo[i]], prompts, rollouts, tokenizer, settings))
+                bar.update(k)
     bar.close()
     summary = summarize(store, problems, variants, settings)
     if output:

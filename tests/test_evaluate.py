@@ -41,9 +41,14 @@ def test_eval_compares_base_and_steered_and_writes_reports(tiny_llama, tokenizer
     assert (out / "summary.md").read_text().count("\n| ") == 4  # header + 3 models
     assert not hasattr(tiny_llama, "brep_steering")  # artifacts are detached afterwards
     base = [r for r in records if r["model"] == "base"]
-    with_zero = evaluate(tiny_llama, tokenizer, settings, [artifact], [0.0], None, problems=PROBLEMS, progress=False)
-    # scale 0 is the base: same seed per batch, same samples
-    assert with_zero["models"]["vec@0"]["accuracy"] == with_zero["models"]["base"]["accuracy"]
+    with_zero = evaluate(tiny_llama, tokenizer, settings, [artifact], [0.0], tmp_path / "zero", problems=PROBLEMS,
+                         progress=False)
+    # scale 0 is the base, and every variant draws with the problem's seed: the same samples
+    zero = [json.loads(line) for line in (tmp_path / "zero" / "samples.jsonl").read_text().splitlines()]
+    def completions(label):
+        return [(r["problem_id"], r["sample"], r["completion"]) for r in zero if r["model"] == label]
+
+    assert completions("vec@0") == completions("base") and len({c for *_, c in completions("base")}) > 5
     assert with_zero["models"]["base"]["mean_tokens"] == pytest.approx(sum(r["tokens"] for r in base) / len(base))
 
 
@@ -69,6 +74,21 @@ def test_eval_is_deterministic_and_resumes_after_a_kill(tiny_llama, tokenizer, t
     assert calls == [2]  # problems 3 and 4 only: p3 lost a sample, p4 both
     records = [json.loads(line) for line in (first / "samples.jsonl").read_text().splitlines()]  # every line whole again
     assert sorted((r["problem_id"], r["sample"]) for r in records) == [(f"p{i}", s) for i in range(5) for s in range(2)]
+    # each problem is seeded by itself: the resumed run holds the uninterrupted run's samples
+    key = lambda r: (r["problem_id"], r["sample"])  # noqa: E731
+    assert sorted(without_timing("\n".join(json.dumps(r) for r in records)), key=key) == sorted(without_timing("\n".join(lines)), key=key)
+
+
+def test_sampled_eval_draws_the_same_samples_whatever_the_batch_size(tiny_llama, tokenizer, tmp_path):
+    def samples(batch_size: int) -> list[tuple[str, int, str]]:
+        settings = EvalSettings(samples=2, temperature=1.0, max_new_tokens=6, batch_size=batch_size)
+        evaluate(tiny_llama, tokenizer, settings, [], None, tmp_path / str(batch_size), problems=PROBLEMS, progress=False)
+        records = [json.loads(line) for line in (tmp_path / str(batch_size) / "samples.jsonl").read_text().splitlines()]
+        return sorted((r["problem_id"], r["sample"], r["completion"]) for r in records)
+
+    one_problem_a_call = samples(2)
+    assert len({c for _, _, c in one_problem_a_call}) > 5  # sampled apart, not all the same text
+    assert samples(10) == one_problem_a_call
 
 
 def test_resume_with_other_settings_is_refused(tiny_llama, tokenizer, tmp_path):

@@ -12,14 +12,23 @@ import logging
 
 from brep_rl.errors import ConfigError
 from brep_rl.model import gguf_as_f32, gguf_path
-from brep_rl.rollout.base import BACKENDS, Backend, BackendUnavailable, Rollouts, Sampling, hash_seed, stop_token_ids
+from brep_rl.rollout.base import (
+    BACKENDS,
+    Backend,
+    BackendUnavailable,
+    Rollouts,
+    Sampling,
+    generate_each,
+    hash_seed,
+    stop_token_ids,
+)
 from brep_rl.rollout.hf import TransformersBackend
 from brep_rl.steering import SteeringConfig
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "BACKENDS", "Backend", "BackendUnavailable", "Rollouts", "Sampling", "TransformersBackend", "hash_seed",
+    "BACKENDS", "Backend", "BackendUnavailable", "Rollouts", "Sampling", "TransformersBackend", "generate_each", "hash_seed",
     "make_backend", "stop_token_ids",
 ]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -11,7 +12,8 @@ from brep_rl.steering import SteeringVectors
 
 BACKENDS = ("auto", "transformers", "llama.cpp")
 
-__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "Rollouts", "Sampling", "hash_seed", "stop_token_ids"]
+__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "Rollouts", "Sampling", "generate_each", "hash_seed",
+           "stop_token_ids"]
 
 
 @dataclass
@@ -37,12 +39,32 @@ class Backend(Protocol):
     def sync(self, steer: SteeringVectors | None) -> None:
         """Make the next generations use `steer` as it is now (None or disabled: the base)."""
 
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling) -> Rollouts:
-        """`n` completions of every prompt (token ids, no padding), sampled from a generator seeded with
-        `sampling.seed` that belongs to this call (the global RNG is never touched)."""
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling,
+                 seeds: list[int] | None = None) -> Rollouts:
+        """`n` completions of every prompt (token ids, no padding). Completion j of prompt p samples from its own
+        generator, seeded by (seeds[p], j), or (sampling.seed, p, j) without `seeds` (see sequence_rngs); the
+        global RNG is never touched."""
 
     def close(self) -> None:
         """Free what the backend holds outside Python (a no-op where there is nothing)."""
+
+
+def generate_each(backend: Backend, prompt_ids: list[list[int]], n: int, sampling: Sampling, seeds: list[int],
+                  running: int) -> Iterator[tuple[int, Rollouts]]:
+    """(index of a prompt, its `n` completions) for every prompt, as each finishes, with about `running` sequences
+    decoded at once. A backend with its own `generate_each` (llama.cpp) starts the next prompt as soon as a
+    prompt's sequences are done; any other generates `running // n` prompts per call."""
+    if hasattr(backend, "generate_each"):
+        yield from backend.generate_each(prompt_ids, n, sampling, seeds, running)
+        return
+    per_call = max(1, running // n)
+    for start in range(0, len(prompt_ids), per_call):
+        chunk = prompt_ids[start : start + per_call]
+        out = backend.generate(chunk, n, sampling, seeds[start : start + per_call])
+        for i in range(len(chunk)):
+            rows = slice(i * n, (i + 1) * n)
+            logprobs = out.logprobs[rows] if out.logprobs is not None else None
+            yield start + i, Rollouts(out.prompt_ids[rows], out.completion_ids[rows], logprobs, out.seconds / len(chunk))
 
 
 def hash_seed(*parts: object) -> int:

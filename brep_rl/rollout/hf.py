@@ -14,7 +14,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from brep_rl.rollout.base import Rollouts, Sampling, stop_token_ids
-from brep_rl.rollout.sampling import sample_token
+from brep_rl.rollout.sampling import sample_token, sequence_rngs
 from brep_rl.steering import SteeringVectors
 
 
@@ -22,14 +22,13 @@ class _SampleWith(LogitsProcessor):
     """Chooses each row's next token with sample_token and records its log-prob; the scores it returns leave
     generate()'s greedy step nothing else to pick."""
 
-    def __init__(self, sampling: Sampling):
-        self.sampling = sampling
-        self.rng = np.random.default_rng(sampling.seed)
+    def __init__(self, sampling: Sampling, rngs: list[np.random.Generator]):
+        self.sampling, self.rngs = sampling, rngs
         self.logprobs: list[list[float]] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         rows = scores.detach().double().cpu().numpy()
-        chosen = [sample_token(row, self.sampling, self.rng) for row in rows]
+        chosen = [sample_token(row, self.sampling, rng) for row, rng in zip(rows, self.rngs)]
         if not self.logprobs:
             self.logprobs = [[] for _ in chosen]
         for record, (_, logprob) in zip(self.logprobs, chosen):
@@ -54,14 +53,15 @@ class TransformersBackend:
     def close(self) -> None:
         pass
 
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling) -> Rollouts:
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling,
+                 seeds: list[int] | None = None) -> Rollouts:
         greedy = sampling.temperature <= 0
         rows = prompt_ids if greedy else [p for p in prompt_ids for _ in range(n)]  # greedy copies are identical
         pad = self.tokenizer.pad_token_id
         width = max(map(len, rows))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in rows], device=self.model.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows], device=self.model.device)
-        chooser = _SampleWith(sampling)
+        chooser = _SampleWith(sampling, sequence_rngs(sampling, len(prompt_ids), 1 if greedy else n, seeds))
         start = time.perf_counter()
         with torch.no_grad():
             out = self.model.generate(

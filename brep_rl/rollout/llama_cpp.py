@@ -8,22 +8,25 @@ Why a bias on `mlp.down_proj` of layer l is a llama.cpp control vector: that pro
 residual stream, so its bias is a vector added to the layer's output, which is what a control vector is.
 llama.cpp's control-vector buffer starts at layer 1, so layer 0 cannot be steered there.
 
-The prefix window is reproduced exactly: every sequence of a call is decoded in lockstep (one llama.cpp batch per
-step, one sequence id each), so all sit at the same answer position, and the control vector is switched from
-bias + prefix to bias alone once the first `prefix_tokens` answer tokens have been fed, keeping the KV cache.
+The running sequences are decoded together, one llama.cpp batch per step, one sequence id (KV stream) each; when a
+prompt's sequences are done the next prompt takes their streams (continuous batching). The prefix window is
+reproduced exactly: with a window, prompts start in waves (the next ones once all running ones are done), so all
+running sequences sit at the same answer position, and the control vector is switched from bias + prefix to bias
+alone once the first `prefix_tokens` answer tokens have been fed, keeping the KV cache.
 """
 
 from __future__ import annotations
 
 import ctypes
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from brep_rl.errors import BackendUnavailable
 from brep_rl.rollout.base import Rollouts, Sampling
-from brep_rl.rollout.sampling import sample_token
+from brep_rl.rollout.sampling import sample_token, sequence_rngs
 from brep_rl.steering import SteeringConfig, SteeringVectors
 
 # Architectures whose llama.cpp graph adds the control vector to each layer's output and whose HF layers add
@@ -168,7 +171,7 @@ class LlamaCppBackend:
         pointer = self.lib.llama_get_logits_ith(self.ctx, index)
         return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).astype(np.float64)  # a copy: the buffer is reused
 
-    def _compact(self, active: list[int], slot: list[int], memory) -> list[int]:
+    def _compact(self, active: list[int], slot: dict[int, int], memory) -> list[int]:
         """Move the caches of the sequences still running into streams 0..len(active)-1 (updating `slot`) and return
         them in stream order. llama.cpp decodes a contiguous run of streams several times faster than as many
         scattered ones (SmolLM2, 2 threads: 32 of 64 streams take 103 ms contiguous, 810 ms every other one), and
@@ -181,45 +184,74 @@ class LlamaCppBackend:
             slot[s] = hole
         return sorted(active, key=slot.__getitem__)
 
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling) -> Rollouts:
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling,
+                 seeds: list[int] | None = None) -> Rollouts:
+        start = time.perf_counter()
+        groups = dict(self.generate_each(prompt_ids, n, sampling, seeds))
+        rows = [groups[p] for p in range(len(prompt_ids))]
+        return Rollouts([c for r in rows for c in r.prompt_ids], [c for r in rows for c in r.completion_ids],
+                        [lp for r in rows for lp in r.logprobs], time.perf_counter() - start)
+
+    def generate_each(self, prompt_ids: list[list[int]], n: int, sampling: Sampling, seeds: list[int] | None = None,
+                      running: int | None = None) -> Iterator[tuple[int, Rollouts]]:
+        """(index of a prompt, its `n` completions) as each prompt's sequences finish, decoding at most `running`
+        sequences at once (default: all). Continuous batching: the next prompt starts as soon as `n` streams are
+        free. With a prefix window every running sequence must sit at the same answer position, so the next prompts
+        start together once all running ones are done (lockstep waves)."""
         if self.steered is None:
             self.sync(None)
-        start = time.perf_counter()
-        sequences = len(prompt_ids) * n
+        total = len(prompt_ids) * n
+        capacity = total if running is None else min(total, max(n, running // n * n))
         longest = max(map(len, prompt_ids))
-        self._context(sequences, longest + sampling.max_new_tokens, longest)
-        rng = np.random.default_rng(sampling.seed)
-        self._apply(self.steered if self.prefix_tokens > 0 else self.unsteered)
-
-        # Prefill each prompt once (prompt positions are inside the window), then share its cache with its group.
+        self._context(capacity, longest + sampling.max_new_tokens, longest)
         memory = self.lib.llama_get_memory(self.ctx)
+        rngs = sequence_rngs(sampling, len(prompt_ids), n, seeds)
+        completions: list[list[int]] = [[] for _ in range(total)]
+        logprobs: list[list[float]] = [[] for _ in range(total)]
+        left = [n] * len(prompt_ids)  # sequences of each prompt still running
+        slot: dict[int, int] = {}  # the llama.cpp sequence id (KV stream) that holds each running sequence's cache
+        active: list[int] = []  # running sequences in stream order (streams 0..len-1)
         next_logits: dict[int, np.ndarray] = {}
-        for p, prompt in enumerate(prompt_ids):
-            first = p * n
-            self._decode([(t, i, first, i == len(prompt) - 1) for i, t in enumerate(prompt)])
-            logits = self._logits(len(prompt) - 1)
-            for s in range(first, first + n):
-                if s != first:
-                    self.lib.llama_memory_seq_cp(memory, first, s, -1, -1)
-                next_logits[s] = logits
-
-        completions: list[list[int]] = [[] for _ in range(sequences)]
-        logprobs: list[list[float]] = [[] for _ in range(sequences)]
-        slot = list(range(sequences))  # the llama.cpp sequence id (KV stream) that holds each sequence's cache
-        active = list(range(sequences))
-        for step in range(sampling.max_new_tokens):
+        waiting = 0  # the next prompt to start
+        clock = time.perf_counter()
+        while waiting < len(prompt_ids) or active:
+            if not active or self.prefix_tokens == 0:
+                self._apply(self.steered if self.prefix_tokens > 0 else self.unsteered)  # prompts are in the window
+                while waiting < len(prompt_ids) and len(active) + n <= capacity:
+                    # prefill the prompt once, then share its cache with the rest of its group
+                    prompt, first = prompt_ids[waiting], len(active)
+                    self.lib.llama_memory_seq_rm(memory, first, -1, -1)  # what a finished sequence left there
+                    self._decode([(t, i, first, i == len(prompt) - 1) for i, t in enumerate(prompt)])
+                    logits = self._logits(len(prompt) - 1)
+                    for j in range(n):
+                        s = waiting * n + j
+                        if j:
+                            self.lib.llama_memory_seq_rm(memory, first + j, -1, -1)
+                            self.lib.llama_memory_seq_cp(memory, first, first + j, -1, -1)
+                        slot[s], next_logits[s] = first + j, logits
+                        active.append(s)
+                    waiting += 1
             feed = []
-            for s in sorted(active):  # draw in sequence order, whichever stream holds each
-                token, logprob = sample_token(next_logits[s], sampling, rng)
+            for s in active:
+                token, logprob = sample_token(next_logits[s], sampling, rngs[s])
                 completions[s].append(token)
                 logprobs[s].append(logprob)
-                if token not in self.stop_ids and step + 1 < sampling.max_new_tokens:
+                if token not in self.stop_ids and len(completions[s]) < sampling.max_new_tokens:
                     feed.append(s)
+                    continue
+                p = s // n
+                left[p] -= 1
+                if not left[p]:
+                    rows = range(p * n, (p + 1) * n)
+                    now = time.perf_counter()
+                    yield p, Rollouts([prompt_ids[p]] * n, [completions[r] for r in rows],
+                                      [logprobs[r] for r in rows], now - clock)
+                    clock = now
             active = self._compact(feed, slot, memory)
             if not active:
-                break
-            # the token fed now sits at answer position `step`: still inside the prefix window while step < k
-            self._apply(self.steered if step < self.prefix_tokens else self.unsteered)
-            self._decode([(completions[s][-1], len(prompt_ids[s // n]) + step, slot[s], True) for s in active])
+                continue
+            # each fed token sits at answer position len - 1; the window case has all of them at the same one
+            self._apply(self.steered if len(completions[active[0]]) - 1 < self.prefix_tokens else self.unsteered)
+            self._decode([(completions[s][-1], len(prompt_ids[s // n]) + len(completions[s]) - 1, slot[s], True)
+                          for s in active])
             next_logits = {s: self._logits(i) for i, s in enumerate(active)}
-        return Rollouts([p for p in prompt_ids for _ in range(n)], completions, logprobs, time.perf_counter() - start)

@@ -26,6 +26,16 @@ def filter_logits(z: np.ndarray, top_k: int = 0, top_p: float = 1.0) -> np.ndarr
     return z
 
 
+def sequence_rngs(sampling: Sampling, prompts: int, n: int, seeds: list[int] | None = None) -> list[np.random.Generator]:
+    """One generator per completion, prompt-major: completion j of prompt p draws from the seed sequence
+    (seeds[p], j), or (sampling.seed, p, j) without `seeds`. A completion's draws then depend on its own seed alone,
+    not on which batch it ran in, which sequences stopped before it, or which backend ran it."""
+    keys = [[seed] for seed in seeds] if seeds is not None else [[sampling.seed, p] for p in range(prompts)]
+    if len(keys) != prompts:
+        raise ValueError(f"one seed per prompt: {prompts} prompts, {len(keys)} seeds")
+    return [np.random.default_rng([*key, j]) for key in keys for j in range(n)]
+
+
 def sample_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> tuple[int, float]:
     """(token, its log-prob under softmax(logits / temperature)): greedy at temperature 0, else a draw from the
     top-k / top-p filtered distribution with `rng` (the caller's generator: no global state)."""

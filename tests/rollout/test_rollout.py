@@ -205,6 +205,68 @@ def test_sequences_that_stop_early_hand_their_streams_to_those_still_running(smo
         steer.detach()
 
 
+def recorded_decodes(llama, monkeypatch) -> list[list[tuple[int, int]]]:
+    """The (position, sequence id) entries of every llama_decode from now on."""
+    decoded: list[list[tuple[int, int]]] = []
+    decode = llama._decode
+    monkeypatch.setattr(llama, "_decode", lambda entries: (decoded.append([(e[1], e[2]) for e in entries]), decode(entries))[1])
+    return decoded
+
+
+@pytest.mark.slow
+def test_continuous_batching_starts_a_prompt_when_streams_free_and_samples_what_one_call_samples(smollm2, llama, monkeypatch):
+    model, tok = smollm2
+    steer = random_vectors(model, "bias", seed=9)
+    try:
+        ids = chat_ids(tok, MORE_PROMPTS)
+        seeds = [100 + p for p in range(len(ids))]
+        llama.sync(steer)
+        sampling = Sampling(12, temperature=1.0, seed=0)
+        together = llama.generate(ids, 2, sampling, seeds)
+        monkeypatch.setattr(llama, "stop_ids", {together.completion_ids[0][3], together.completion_ids[5][7]})
+        together = llama.generate(ids, 2, sampling, seeds)  # now sequences stop at several lengths
+        decoded = recorded_decodes(llama, monkeypatch)
+        groups = dict(llama.generate_each(ids, 2, sampling, seeds, running=4))
+        assert sorted(groups) == list(range(len(ids)))
+        for p, group in groups.items():  # per-sequence seeds: the same samples as all prompts in one batch
+            assert group.completion_ids == together.completion_ids[2 * p : 2 * p + 2]
+            for completion, logprobs in zip(group.completion_ids, group.logprobs):
+                logp = hf_logprobs(model, steer, ids[p], completion)
+                error = (logp[torch.arange(len(completion)), completion] - torch.tensor(logprobs, dtype=torch.float64)).abs()
+                assert error.max() < 0.05  # each continued from its own prompt's cache, not a stale stream
+        prefills = [i for i, entries in enumerate(decoded) if entries[0][0] == 0]
+        steps = [entries for entries in decoded if entries[0][0] > 0]
+        assert all(len(entries) <= 4 for entries in steps)
+        assert prefills[-1] > prefills[0] + 2 and any(decoded[i - 1][0][0] > 0 for i in prefills)  # refilled mid-run
+        assert all([seq for _, seq in entries] == list(range(len(entries))) for entries in steps)
+    finally:
+        steer.detach()
+
+
+@pytest.mark.slow
+def test_with_a_prefix_window_prompts_start_in_waves_and_the_window_stays_exact(smollm2, llama, monkeypatch):
+    model, tok = smollm2
+    steer = random_vectors(model, "bias+prefix", seed=10, prefix_tokens=3, norm=10.0)
+    try:
+        ids = chat_ids(tok, MORE_PROMPTS)
+        llama.sync(steer)
+        sampling = Sampling(10, temperature=1.0, seed=0)
+        free = llama.generate(ids[:1], 1, sampling).completion_ids[0]
+        monkeypatch.setattr(llama, "stop_ids", {free[4]})  # some sequences stop early, freeing streams
+        decoded = recorded_decodes(llama, monkeypatch)
+        groups = dict(llama.generate_each(ids, 1, sampling, list(range(len(ids))), running=3))
+        for p, group in groups.items():
+            completion, logprobs = group.completion_ids[0], group.logprobs[0]
+            logp = hf_logprobs(model, steer, ids[p], completion)  # the window: the prompt and 3 answer tokens
+            error = (logp[torch.arange(len(completion)), completion] - torch.tensor(logprobs, dtype=torch.float64)).abs()
+            assert error.max() < 0.05
+        assert len({len(g.completion_ids[0]) for g in groups.values()}) >= 2  # some stopped before others
+        assert all(len(entries) <= 3 for entries in decoded if entries[0][0] > 0)
+        assert sum(entries[0][0] == 0 for entries in decoded) == len(ids)  # every prompt prefilled once
+    finally:
+        steer.detach()
+
+
 @pytest.mark.slow
 def test_vectors_take_effect_only_when_synced(smollm2, llama):
     model, tok = smollm2

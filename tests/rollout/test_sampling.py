@@ -6,7 +6,7 @@ import torch
 from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 from brep_rl.rollout import Sampling
-from brep_rl.rollout.sampling import filter_logits, sample_token
+from brep_rl.rollout.sampling import filter_logits, sample_token, sequence_rngs
 
 
 def test_greedy_picks_the_argmax_and_reports_its_log_softmax():
@@ -66,3 +66,18 @@ def test_a_seeded_generator_repeats_its_draws_and_leaves_the_global_rng_alone():
     again = [sample_token(logits, sampling, rng)[0] for _ in range(5)]
     assert first == [again[0]] * 5 and len(set(again)) > 1
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_each_completion_draws_from_a_generator_keyed_by_its_prompt_seed_and_index():
+    sampling = Sampling(4, temperature=1.0, seed=3)
+
+    def draws(rngs):
+        return [rng.random() for rng in rngs]
+
+    together = draws(sequence_rngs(sampling, 2, 3, seeds=[11, 12]))
+    assert draws(sequence_rngs(sampling, 1, 3, seeds=[12])) == together[3:]  # a prompt alone draws what it drew in company
+    assert len(set(together)) == 6  # every completion its own stream
+    unseeded = draws(sequence_rngs(sampling, 2, 3))
+    assert unseeded == draws(sequence_rngs(Sampling(4, seed=3), 2, 3)) and unseeded != together  # (sampling.seed, p, j)
+    with pytest.raises(ValueError, match="2 prompts, 1 seeds"):
+        sequence_rngs(sampling, 2, 3, seeds=[11])
