@@ -198,6 +198,8 @@ class LlamaCppBackend:
         sequences at once (default: all). Continuous batching: the next prompt starts as soon as `n` streams are
         free. With a prefix window every running sequence must sit at the same answer position, so the next prompts
         start together once all running ones are done (lockstep waves)."""
+        if not prompt_ids:  # e.g. a resumed evaluation with nothing left to do
+            return
         if self.steered is None:
             self.sync(None)
         total = len(prompt_ids) * n

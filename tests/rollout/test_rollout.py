@@ -228,6 +228,7 @@ def test_continuous_batching_starts_a_prompt_when_streams_free_and_samples_what_
         decoded = recorded_decodes(llama, monkeypatch)
         groups = dict(llama.generate_each(ids, 2, sampling, seeds, running=4))
         assert sorted(groups) == list(range(len(ids)))
+        assert list(llama.generate_each([], 2, sampling, [], running=4)) == []  # a resumed eval with nothing left
         for p, group in groups.items():  # per-sequence seeds: the same samples as all prompts in one batch
             assert group.completion_ids == together.completion_ids[2 * p : 2 * p + 2]
             for completion, logprobs in zip(group.completion_ids, group.logprobs):
