@@ -97,6 +97,20 @@ def hf_logprobs(model, steer, prompt: list[int], completion: list[int]) -> torch
     return torch.log_softmax(logits.double(), -1)
 
 
+def sampled_logprob_error(model, steer, prompt: list[int], completion: list[int], logprobs: list[float]) -> torch.Tensor:
+    """|sampler's log-prob - transformers' log-prob| at every sampled token (temperature 1: the plain log-softmax)."""
+    logp = hf_logprobs(model, steer, prompt, completion)
+    return (logp[torch.arange(len(completion)), completion] - torch.tensor(logprobs, dtype=torch.float64)).abs()
+
+
+def recorded_decodes(llama, monkeypatch) -> list[list[tuple[int, int]]]:
+    """The (position, sequence id) entries of every llama_decode from now on."""
+    decoded: list[list[tuple[int, int]]] = []
+    decode = llama._decode
+    monkeypatch.setattr(llama, "_decode", lambda entries: (decoded.append([(e[1], e[2]) for e in entries]), decode(entries))[1])
+    return decoded
+
+
 def first_divergence(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
 
@@ -171,8 +185,7 @@ def test_sampled_groups_share_the_prompt_cache_and_report_the_sampling_logprobs(
         assert len(set(map(tuple, out.completion_ids))) > 4  # the copies of a prompt sample apart
         assert llama.generate(prompts, 4, sampling).completion_ids == out.completion_ids  # seeded
         for prompt, completion, logprobs in zip(out.prompt_ids, out.completion_ids, out.logprobs):
-            logp = hf_logprobs(model, steer, prompt, completion)  # temperature 1: the plain log-softmax
-            error = (logp[torch.arange(len(completion)), completion] - torch.tensor(logprobs, dtype=torch.float64)).abs()
+            error = sampled_logprob_error(model, steer, prompt, completion, logprobs)
             assert error.mean() < 0.01 and error.max() < 0.05  # float rounding; a lost prompt cache costs nats
     finally:
         steer.detach()
@@ -189,28 +202,17 @@ def test_sequences_that_stop_early_hand_their_streams_to_those_still_running(smo
         free = llama.generate(ids, 2, sampling).completion_ids
         # stop at tokens the free run sampled at different depths, so that sequences end at different steps
         monkeypatch.setattr(llama, "stop_ids", {free[0][2], free[3][6], free[6][10]})
-        decoded: list[list[int]] = []  # the sequence ids of each llama_decode
-        decode = llama._decode
-        monkeypatch.setattr(llama, "_decode", lambda entries: (decoded.append([e[2] for e in entries]), decode(entries))[1])
+        decoded = recorded_decodes(llama, monkeypatch)
         out = llama.generate(ids, 2, sampling)
         assert len({len(c) for c in out.completion_ids}) >= 3
         steps = decoded[len(ids):]  # after one prefill call per prompt
-        assert len({len(seqs) for seqs in steps}) >= 3
-        assert all(seqs == list(range(len(seqs))) for seqs in steps)  # the running sequences sit in streams 0..m-1
+        assert len({len(entries) for entries in steps}) >= 3
+        assert all([seq for _, seq in entries] == list(range(len(entries))) for entries in steps)  # streams 0..m-1
         for prompt, completion, logprobs in zip(out.prompt_ids, out.completion_ids, out.logprobs):
-            logp = hf_logprobs(model, steer, prompt, completion)
-            error = (logp[torch.arange(len(completion)), completion] - torch.tensor(logprobs, dtype=torch.float64)).abs()
+            error = sampled_logprob_error(model, steer, prompt, completion, logprobs)
             assert error.max() < 0.05  # each sequence continued from its own cache after the moves
     finally:
         steer.detach()
-
-
-def recorded_decodes(llama, monkeypatch) -> list[list[tuple[int, int]]]:
-    """The (position, sequence id) entries of every llama_decode from now on."""
-    decoded: list[list[tuple[int, int]]] = []
-    decode = llama._decode
-    monkeypatch.setattr(llama, "_decode", lambda entries: (decoded.append([(e[1], e[2]) for e in entries]), decode(entries))[1])
-    return decoded
 
 
 @pytest.mark.slow
@@ -232,8 +234,7 @@ def test_continuous_batching_starts_a_prompt_when_streams_free_and_samples_what_
         for p, group in groups.items():  # per-sequence seeds: the same samples as all prompts in one batch
             assert group.completion_ids == together.completion_ids[2 * p : 2 * p + 2]
             for completion, logprobs in zip(group.completion_ids, group.logprobs):
-                logp = hf_logprobs(model, steer, ids[p], completion)
-                error = (logp[torch.arange(len(completion)), completion] - torch.tensor(logprobs, dtype=torch.float64)).abs()
+                error = sampled_logprob_error(model, steer, ids[p], completion, logprobs)
                 assert error.max() < 0.05  # each continued from its own prompt's cache, not a stale stream
         prefills = [i for i, entries in enumerate(decoded) if entries[0][0] == 0]
         steps = [entries for entries in decoded if entries[0][0] > 0]
@@ -258,8 +259,7 @@ def test_with_a_prefix_window_prompts_start_in_waves_and_the_window_stays_exact(
         groups = dict(llama.generate_each(ids, 1, sampling, list(range(len(ids))), running=3))
         for p, group in groups.items():
             completion, logprobs = group.completion_ids[0], group.logprobs[0]
-            logp = hf_logprobs(model, steer, ids[p], completion)  # the window: the prompt and 3 answer tokens
-            error = (logp[torch.arange(len(completion)), completion] - torch.tensor(logprobs, dtype=torch.float64)).abs()
+            error = sampled_logprob_error(model, steer, ids[p], completion, logprobs)  # window: prompt + 3 tokens
             assert error.max() < 0.05
         assert len({len(g.completion_ids[0]) for g in groups.values()}) >= 2  # some stopped before others
         assert all(len(entries) <= 3 for entries in decoded if entries[0][0] > 0)
