@@ -6,7 +6,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export DS_ACCELERATOR := cpu
 
-.PHONY: setup lint test test-fast demo bench evidence gsm8k
+.PHONY: setup lint test test-fast demo bench evidence evidence-issue8 gsm8k
 
 setup:
 	@bash scripts/setup.sh
@@ -30,9 +30,13 @@ bench: setup
 	@cd benchmarks && for b in generation_overhead verifier_throughput rollout_backends gsm8k_eval_time grpo_cost multi_process; do \
 		echo "== $$b"; ../$(PY) $$b.py || exit 1; done
 
-# The learning-evidence matrix (docs/results.md): every variant trained, picked on validation, reported on test and
-# GSM8K. About 2 hours on 2 CPU cores; re-running resumes.
+# Issue #15: the chain_sum picks at equal wall-clock (SFT-only, SFT -> GRPO, GRPO-only), picked on validation,
+# reported on 500 test problems and on GSM8K. About 2 h 50 min on 2 CPU cores; re-running resumes.
 evidence: setup
+	@$(PY) scripts/evidence.py --config configs/evidence/smollm2_chain_sum_picks.yaml
+
+# Issue #8's matrix: every variant at a small fixed budget (modes, restraint, LoRA). About 2 hours; resumes.
+evidence-issue8: setup
 	@$(PY) scripts/evidence.py --config configs/evidence/smollm2_chain_sum.yaml
 
 # Issue #17: SFT of bias vectors on GSM8K train (picked on its validation part), then base vs steered on all 1,319

@@ -36,6 +36,7 @@ from brep_rl.steering import CONFIG_NAME, WEIGHTS_NAME
 # each stage is the user's own command, run from the installed package (no checkout needed)
 TRAINERS = {name: ["-m", "brep_rl.cli", name] for name in ("sft", "grpo", "lora")}
 EVAL_SETS = ("validation", "test", "transfer")
+TIES = ("later", "earlier")  # which checkpoint a validation tie goes to
 
 
 class PlanError(UserError, ValueError):
@@ -63,6 +64,7 @@ class Plan:
     evals: dict[str, EvalSettings]  # validation, test, transfer
     scales: list[float]
     variants: list[Variant]
+    ties: str = "later"
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -101,8 +103,19 @@ def load_plan(path: str | Path) -> Plan:
         variants.append(Variant(name, spec["trainer"], config, dict(spec.get("args") or {}), after))
     if not variants:
         raise PlanError(f"{path}: variants: none listed")
+    ties = raw.get("ties", "later")
+    if ties not in TIES:
+        raise PlanError(f"{path}: field 'ties': expected one of {', '.join(TIES)}, got {ties!r}")
     return Plan(raw["model"], Path(raw["output_dir"]), int(raw.get("threads", os.cpu_count() or 1)), evals,
-                [float(s) for s in raw.get("scales", [])], variants)
+                [float(s) for s in raw.get("scales", [])], variants, ties)
+
+
+def pick(accuracy: dict[str, float], ties: str = "later") -> str:
+    """The label with the best validation accuracy; `accuracy` lists the checkpoints in training order, and a tie
+    goes to the later one (more training, same evidence) or the earlier one (less training, as brep-rl's own best/
+    folders choose)."""
+    order = list(accuracy)
+    return max(order, key=lambda label: (accuracy[label], order.index(label) * (1 if ties == "later" else -1)))
 
 
 def finished(run: Path) -> bool:
@@ -223,8 +236,7 @@ def run_plan(plan: Plan) -> dict[str, Any]:
         candidates = candidate_dirs(plan, variant)
         validation = evaluator.correctness("validation", candidates, lora=not variant.steering)
         by_label = {label: score(validation[BASE], validation[label]) for label in candidates}
-        # the best validation accuracy; a tie goes to the later checkpoint (more training, same evidence)
-        best = max(candidates, key=lambda label: (by_label[label]["accuracy"], list(candidates).index(label)))
+        best = pick({label: by_label[label]["accuracy"] for label in candidates}, plan.ties)
         picked[variant.name] = (best, candidates[best])
         results["variants"][variant.name] = {
             "trainer": variant.trainer, "config": str(variant.config.relative_to(Path.cwd())) if variant.config.is_relative_to(Path.cwd()) else str(variant.config),

@@ -55,7 +55,7 @@ def test_steered_batch_rows_generate_as_alone_on_smollm2(steered):
         assert row[:n] == alone[:n], f"row {i}: {tok.decode(row)!r} vs alone {tok.decode(alone)!r}"
 
 
-@pytest.mark.parametrize("name", ["smollm2-chain-sum-sft", "smollm2-chain-sum-sft-long", "smollm2-chain-sum-grpo"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "artifacts").iterdir() if p.is_dir()))
 def test_the_shipped_artifacts_load_on_smollm2_and_suit_llama_cpp(smollm2, name):
     from brep_rl.rollout import make_backend
     from brep_rl.rollout.llama_cpp import LlamaCppBackend

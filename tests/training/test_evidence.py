@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from brep_rl import evidence
-from brep_rl.evidence import PlanError, load_plan, run_plan
+from brep_rl.evidence import PlanError, load_plan, pick, run_plan
+from testing_utils import ROOT
 
 CHAIN_SUM = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
 
@@ -109,3 +110,25 @@ def test_plan_missing_fields(tmp_path):
     path.write_text("model: x\n")
     with pytest.raises(PlanError, match=r"plan\.yaml: missing field\(s\) output_dir, variants, validation, test, transfer"):
         load_plan(path)
+
+
+def test_validation_ties_go_where_the_plan_says(tmp_path):
+    accuracy = {"a-step10": 0.58, "a-step20": 0.59, "a-step30": 0.57, "a-step40": 0.59}
+    assert pick(accuracy) == pick(accuracy, "later") == "a-step40"
+    assert pick(accuracy, "earlier") == "a-step20"
+    assert pick({"a-step10": 0.5, "a-step20": 0.6}, "earlier") == "a-step20"  # a tie rule, not a preference
+    path = write_plan(tmp_path, tmp_path, {"s": {"trainer": "sft", "config": "sft.yaml"}})
+    assert load_plan(path).ties == "later"
+    plan = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**plan, "ties": "earlier"}))
+    assert load_plan(path).ties == "earlier"
+    path.write_text(yaml.safe_dump({**plan, "ties": "first"}))
+    with pytest.raises(PlanError, match=r"plan\.yaml: field 'ties': expected one of later, earlier, got 'first'"):
+        load_plan(path)
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs" / "evidence").glob("smollm2_*.yaml")), ids=lambda p: p.name)
+def test_the_shipped_matrices_load(config, monkeypatch):
+    monkeypatch.chdir(ROOT)  # stage configs are relative to the checkout, as `make evidence` runs them
+    plan = load_plan(config)
+    assert plan.variants and all(v.config.is_file() for v in plan.variants)
