@@ -114,8 +114,8 @@ def pick(accuracy: dict[str, float], ties: str = "later") -> str:
     """The label with the best validation accuracy; `accuracy` lists the checkpoints in training order, and a tie
     goes to the later one (more training, same evidence) or the earlier one (less training, as brep-rl's own best/
     folders choose)."""
-    order = list(accuracy)
-    return max(order, key=lambda label: (accuracy[label], order.index(label) * (1 if ties == "later" else -1)))
+    labels = list(accuracy)
+    return max(labels if ties == "earlier" else labels[::-1], key=accuracy.__getitem__)  # max keeps the first of equals
 
 
 def finished(run: Path) -> bool:
