@@ -401,11 +401,14 @@ class EvalSettings(TaskArguments):
 
 @dataclass
 class EvalArguments(EvalSettings):
-    """`brep-rl eval`: the base and each steering artifact on the same problems."""
+    """`brep-rl eval`: the base and each steering artifact (and LoRA adapter) on the same problems."""
 
     model: str = field(default="smollm2-135m", metadata={"help": "alias, .gguf file, HF folder or hub id"})
     steering: list[str] = field(default_factory=list, metadata={
         "help": "steering artifact(s) to compare with the base (repeatable)", "action": "extend"})
+    lora: list[str] = field(default_factory=list, metadata={
+        "help": "PEFT LoRA adapter folder(s) (brep-rl lora) to compare on the same problems, generated with "
+                "transformers (repeatable)", "action": "extend"})
     scale: str = field(default="1", metadata={"help": "comma-separated steering strengths, e.g. 0.5,1,2"})
     output: str | None = field(default=None, metadata={"help": "folder for samples.jsonl + summary.json/.md; re-running resumes"})
     layers: list[str] = field(default_factory=list, metadata={

@@ -90,7 +90,7 @@ def _eval(args: EvalArguments) -> None:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_base(args.model, dtype=args.dtype)
     summary = evaluate(model, tokenizer, args.settings(), args.steering, args.scales(), args.output,
-                       layer_specs=args.layers)
+                       layer_specs=args.layers, loras=args.lora)
     print()
     print(markdown_table(summary))
     if args.output:
@@ -164,7 +164,7 @@ VERBS = {
     "merge": Verb("fold bias vectors into the base's weights: a plain HF model folder", (MergeArguments,), _merge),
     "blend": Verb("the weighted sum of artifacts", (BlendArguments,), _blend),
     "lora": Verb("the LoRA GRPO reference, on the data and settings of a steering run",
-                 (ModelArguments, LoraArguments, GRPODataArguments, SteeringGRPOConfig), _lora),
+                 (ModelArguments, LoraArguments, GRPODataArguments, SteeringGRPOConfig, ValidationArguments), _lora),
     "evidence": Verb("the learning-evidence matrix: train every variant, pick on validation, report on test",
                      (EvidenceArguments,), _evidence, yaml_config=False),
 }

@@ -2,7 +2,7 @@
 
 Per-sample records go to `samples.jsonl` as they are produced (a re-run skips what is there: resumable);
 the summary goes to `summary.json` and `summary.md`. The base is the same model object with steering
-disabled, never a second load.
+disabled, never a second load. LoRA adapters (the reference) are put on that model one at a time and taken off again.
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ from brep_rl.data import Problem, chat_prompt, chat_prompt_ids, load_task
 from brep_rl.errors import ConfigError
 from brep_rl.files import to_json, write_json
 from brep_rl.metrics import accuracy_interval, majority_vote, paired_difference, pass_at_k
-from brep_rl.rollout import Backend, Rollouts, Sampling, generate_each, hash_seed, make_backend
+from brep_rl.rollout import Backend, Rollouts, Sampling, TransformersBackend, generate_each, hash_seed, make_backend
 from brep_rl.steering import CONFIG_NAME, WEIGHTS_NAME, SteeringVectors, read_artifact
 from reward import default_verifier, extract_answer, has_final_answer_format
 
 logger = logging.getLogger(__name__)
 
 BASE = "base"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 
 @dataclass
@@ -85,7 +86,8 @@ class RecordStore:
         if artifact is None:
             return
         digest = hashlib.sha256()
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
+        adapter = not (Path(artifact) / CONFIG_NAME).is_file()
+        for name in (ADAPTER_FILES if adapter else (WEIGHTS_NAME, CONFIG_NAME)):
             digest.update((Path(artifact) / name).read_bytes())
         fingerprint = digest.hexdigest()
         previous = self.run["artifacts"].get(label)
@@ -135,6 +137,23 @@ def variant_contexts(model, artifacts: list[str], scales: list[float], layer_spe
             steer.detach()
 
 
+def lora_variants(model, adapters: list[str], taken: set[str]):
+    """Yields (Variant, the model with the adapter on) for each PEFT LoRA adapter in turn, labelled by its folder's
+    name (its path where the name is `taken` or repeated); the plain model is restored after each."""
+    from peft import PeftModel
+
+    names = [Path(a).name for a in adapters]
+    for adapter, name in zip(adapters, names):
+        if not all((Path(adapter) / file).is_file() for file in ADAPTER_FILES):
+            raise ConfigError(f"--lora {adapter}: not a PEFT adapter folder (expected {' and '.join(ADAPTER_FILES)})")
+        label = name if name not in taken and names.count(name) == 1 else adapter
+        with_adapter = PeftModel.from_pretrained(model, adapter).eval()
+        try:
+            yield Variant(label, adapter), with_adapter
+        finally:
+            with_adapter.unload()
+
+
 @contextlib.contextmanager
 def _steered(steer: SteeringVectors, layers: list[int] | None, scale: float):
     with steer.restricted(layers), steer.scaled(scale):
@@ -144,13 +163,15 @@ def _steered(steer: SteeringVectors, layers: list[int] | None, scale: float):
 def evaluate(
     model, tokenizer, settings: EvalSettings, artifacts: list[str] | None = None, scales: list[float] | None = None,
     output: str | Path | None = None, problems: list[Problem] | None = None, progress: bool = True,
-    backend: Backend | None = None, layer_specs: list[str] | None = None,
+    backend: Backend | None = None, layer_specs: list[str] | None = None, loras: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the base and each artifact (with each layer subset, at each scale) on the same problems; returns the
-    summary.
+    """Evaluate the base and each artifact (with each layer subset, at each scale), then each LoRA adapter, on the
+    same problems; returns the summary.
 
-    `backend` generates (default: `settings.backend` for this model and these artifacts, see brep_rl.rollout)."""
+    `backend` generates the base and the steered variants (default: `settings.backend` for this model and these
+    artifacts, see brep_rl.rollout); an adapter is generated with transformers."""
     artifacts = list(artifacts or [])
+    loras = list(loras or [])
     scales = list(scales or [1.0])
     layer_specs = list(dict.fromkeys(layer_specs or ["all"]))
     problems = problems if problems is not None else load_task(
@@ -165,21 +186,28 @@ def evaluate(
     prompt_ids = dict(zip(prompts, chat_prompt_ids(tokenizer, problems, settings.instruction, settings.system_prompt)))
     k = settings.samples
     variants = []
-    total = len(problems) * k * (1 + len(artifacts) * len(scales) * len(layer_specs))
+    total = len(problems) * k * (1 + len(artifacts) * len(scales) * len(layer_specs) + len(loras))
     bar = tqdm(total=total, desc="eval", unit="sample", disable=not progress, dynamic_ncols=True)
-    for variant, steer, context in variant_contexts(model, artifacts, scales, layer_specs):
+
+    def every_variant():
+        for variant, steer, context in variant_contexts(model, artifacts, scales, layer_specs):
+            yield variant, steer, context, backend
+        for variant, with_adapter in lora_variants(model, loras, taken={v.label for v in variants}):
+            yield variant, None, contextlib.nullcontext(), TransformersBackend(with_adapter, tokenizer)
+
+    for variant, steer, context, generator in every_variant():
         variants.append(variant)
         store.check_artifact(variant.label, variant.artifact)
         todo = [p for p in problems if not store.done(variant.label, p, k)]
         bar.update((len(problems) - len(todo)) * k)
-        bar.set_postfix_str(f"{variant.label} ({backend.name})")
+        bar.set_postfix_str(f"{variant.label} ({generator.name})")
         # a problem's samples are seeded by the problem alone: the same whatever the batch, the order or a resume,
         # and the same random numbers for every variant (paired draws: differences are the vectors', not luck's)
         seeds = [hash_seed(settings.seed, p.id) for p in todo]
         sampling = Sampling(settings.max_new_tokens, settings.temperature, settings.top_p)
         with context:
-            backend.sync(steer)
-            each = generate_each(backend, [prompt_ids[p.id] for p in todo], k, sampling, seeds, settings.batch_size)
+            generator.sync(steer)
+            each = generate_each(generator, [prompt_ids[p.id] for p in todo], k, sampling, seeds, settings.batch_size)
             for i, rollouts in each:
                 store.add(score(variant, [todo[i]], prompts, rollouts, tokenizer, settings))
                 bar.update(k)

@@ -12,16 +12,18 @@ import torch
 from peft import LoraConfig, PeftModel
 from trl import GRPOTrainer
 
-from brep_rl.arguments import GRPODataArguments, LoraArguments, ModelArguments, SteeringGRPOConfig
+from brep_rl.arguments import GRPODataArguments, LoraArguments, ModelArguments, SteeringGRPOConfig, ValidationArguments
 from brep_rl.errors import ConfigError
 from brep_rl.grpo import prompt_dataset
 from brep_rl.model import load_base
-from brep_rl.training import claim_output_dir, train_and_save
+from brep_rl.training import add_validation, claim_output_dir, train_and_save
 from reward import guarded, reward_functions
 
 
-def run_lora_grpo(model_args: ModelArguments, lora_args: LoraArguments, data_args: GRPODataArguments, train_args: SteeringGRPOConfig) -> Path:
-    """Train the adapter, save it to output_dir; returns output_dir."""
+def run_lora_grpo(model_args: ModelArguments, lora_args: LoraArguments, data_args: GRPODataArguments,
+                  train_args: SteeringGRPOConfig, val_args: ValidationArguments | None = None) -> Path:
+    """Train the adapter, save it to output_dir; returns output_dir. With validation steps, the adapter with the best
+    validation accuracy is kept in output_dir/best, as a steering run keeps its vectors."""
     claim_output_dir(train_args)
     if model_args.threads:
         torch.set_num_threads(model_args.threads)
@@ -39,6 +41,8 @@ def run_lora_grpo(model_args: ModelArguments, lora_args: LoraArguments, data_arg
         model=model, args=train_args, processing_class=tokenizer, peft_config=peft_config,
         reward_funcs=[guarded(f) for f in funcs], train_dataset=prompt_dataset(problems, data_args.instruction, data_args.system_prompt),
     )
+    if val_args is not None and val_args.validation_steps:
+        add_validation(trainer, val_args, data_args, model_args, train_args.seed)
     return train_and_save(trainer)
 
 

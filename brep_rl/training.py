@@ -73,18 +73,19 @@ def claim_output_dir(args) -> None:
 
 def add_validation(trainer, val_args, data_args, model_args, seed: int) -> None:
     """Validate every `val_args.validation_steps` steps (brep_rl/validation.py), with the trainer's rollout backend
-    or, for SFT, one made for the job (llama.cpp where it applies: ~3x faster than generate)."""
-    from brep_rl.rollout import make_backend
+    or, for SFT, one made for the job (llama.cpp where it applies: ~3x faster than generate; for a LoRA, generate)."""
+    from brep_rl.rollout import TransformersBackend, make_backend
     from brep_rl.validation import ValidationCallback
 
     if zero3_enabled(trainer):
         logger.warning("no validation during training under ZeRO-3 (generation needs every rank)")
         return
     backend = getattr(trainer, "backend", None)
+    steer = getattr(trainer, "steer", None)
     if backend is None:
         model = trainer.accelerator.unwrap_model(trainer.model)
-        backend = make_backend("auto", model, trainer.processing_class, model_args.model, [trainer.steer.config],
-                               torch.get_num_threads())
+        backend = (make_backend("auto", model, trainer.processing_class, model_args.model, [steer.config], torch.get_num_threads())
+                   if steer is not None else TransformersBackend(model, trainer.processing_class))  # a LoRA: the live adapter
     trainer.add_callback(ValidationCallback(
         trainer, val_args.problems(data_args, seed), val_args, data_args.instruction, data_args.system_prompt,
         getattr(data_args, "fallback", "last_number"), backend,

@@ -2,7 +2,7 @@
 through the rollout backend, and with --validation_samples k also pass@k of k sampled answers (the share of problems
 some sample gets right: where GRPO can find a signal); `validation.jsonl` gets (step, accuracy, pass@k, wall-clock
 seconds) and the best vectors so far by --validation_pick are saved to `output_dir/best` (the checkpoint a long run
-should be judged by, chosen without the test split).
+should be judged by, chosen without the test split). A LoRA reference run validates the same way, its adapter kept.
 """
 
 from __future__ import annotations
@@ -70,18 +70,25 @@ class ValidationCallback(TrainerCallback):
         if self.samples:
             line += f", pass@{self.samples} {row['pass@k']:.1%} (per sample {row['sample_accuracy']:.1%})"
         if row[metric] > best:
-            steer = self.trainer.steer
-            steer.config.provenance.update({**self.trainer.provenance(), "validation_accuracy": row["accuracy"],
-                                            **({"validation_pass@k": row["pass@k"]} if self.samples else {})})
-            steer.save_pretrained(Path(args.output_dir) / BEST)
+            self.save_best(Path(args.output_dir) / BEST, row)
             line += f", best so far: saved to {Path(args.output_dir) / BEST}"
         print(line, flush=True)
+
+    def save_best(self, directory: Path, row: dict[str, float]) -> None:
+        """The steering vectors with their validation scores in the provenance, or a LoRA reference's adapter."""
+        steer = getattr(self.trainer, "steer", None)
+        if steer is None:
+            self.trainer.accelerator.unwrap_model(self.trainer.model).save_pretrained(directory)
+            return
+        steer.config.provenance.update({**self.trainer.provenance(), "validation_accuracy": row["accuracy"],
+                                        **({"validation_pass@k": row["pass@k"]} if self.samples else {})})
+        steer.save_pretrained(directory)
 
     def measure(self) -> dict[str, float]:
         """Greedy accuracy; with samples, pass@k (k = samples) and the accuracy per sample too."""
         backend = self.backend or TransformersBackend(self.trainer.accelerator.unwrap_model(self.trainer.model),
                                                       self.trainer.processing_class)
-        backend.sync(self.trainer.steer)  # the vectors as they are after this step
+        backend.sync(getattr(self.trainer, "steer", None))  # the vectors as they are after this step
         model = self.trainer.model
         was_training = model.training
         model.eval()

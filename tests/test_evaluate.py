@@ -6,10 +6,10 @@ import torch
 from brep_rl import SteeringConfig, SteeringVectors
 from brep_rl.arguments import EvalSettings
 from brep_rl.cli import main as cli_main
-from brep_rl.data import Problem
+from brep_rl.data import Problem, chat_prompt_ids
 from brep_rl.errors import ConfigError
 from brep_rl.evaluate import evaluate
-from brep_rl.rollout import TransformersBackend
+from brep_rl.rollout import Sampling, TransformersBackend
 
 PROBLEMS = [Problem(f"p{i}", f"What is {i} + {i}?", str(2 * i)) for i in range(5)]
 
@@ -50,6 +50,41 @@ def test_eval_compares_base_and_steered_and_writes_reports(tiny_llama, tokenizer
 
     assert completions("vec@0") == completions("base") and len({c for *_, c in completions("base")}) > 5
     assert with_zero["models"]["base"]["mean_tokens"] == pytest.approx(sum(r["tokens"] for r in base) / len(base))
+
+
+def test_eval_compares_lora_adapters_on_the_same_problems_and_takes_them_off_again(tiny_llama, tokenizer, artifact, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from testing_utils import make_tiny
+
+    for seed, name in [(1, "lora-a"), (2, "vec")]:  # "vec" is the steering artifact's label too
+        torch.manual_seed(seed)
+        adapter = get_peft_model(make_tiny("llama", len(tokenizer), tokenizer.pad_token_id),
+                                 LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        adapter.save_pretrained(tmp_path / name)
+    loras = [str(tmp_path / "lora-a"), str(tmp_path / "vec")]
+    ids = torch.tensor([[1, 5, 9, 13]])
+    before = tiny_llama(ids).logits
+    settings = EvalSettings(max_new_tokens=6, batch_size=4)
+    out = tmp_path / "run"
+    summary = evaluate(tiny_llama, tokenizer, settings, [artifact], None, out, problems=PROBLEMS, progress=False, loras=loras)
+    assert list(summary["models"]) == ["base", "vec", "lora-a", loras[1]]  # a taken label: the adapter's path
+    assert set(summary["paired_vs_reference"]) == {"lora-a", loras[1]}  # each against the steering artifact
+    assert torch.equal(tiny_llama(ids).logits, before)  # the plain model again
+    assert not any("lora" in name for name, _ in tiny_llama.named_modules())
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+    def completions(label):
+        return [r["completion"] for r in records if r["model"] == label]
+
+    with_adapter = PeftModel.from_pretrained(make_tiny("llama", len(tokenizer), tokenizer.pad_token_id), loras[0]).eval()
+    expected = TransformersBackend(with_adapter, tokenizer).generate(
+        chat_prompt_ids(tokenizer, PROBLEMS, settings.instruction), 1, Sampling(6))
+    assert completions("lora-a") == tokenizer.batch_decode(expected.completion_ids, skip_special_tokens=True)
+    assert completions("lora-a") != completions("base")
+    with pytest.raises(ConfigError, match=r"--lora .*vec-missing: not a PEFT adapter folder"):
+        evaluate(tiny_llama, tokenizer, settings, [], None, None, problems=PROBLEMS, progress=False,
+                 loras=[str(tmp_path / "vec-missing")])
 
 
 def test_eval_is_deterministic_and_resumes_after_a_kill(tiny_llama, tokenizer, tmp_path, monkeypatch):
