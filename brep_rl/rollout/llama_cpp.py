@@ -9,9 +9,7 @@ residual stream, so its bias is a vector added to the layer's output, which is w
 llama.cpp's control-vector buffer starts at layer 1, so layer 0 cannot be steered there.
 
 The running sequences are decoded together, one llama.cpp batch per step, one sequence id (KV stream) each; when a
-prompt's sequences are done the next prompt takes their streams (continuous batching). The tokens all prompts of a
-call start with (the chat template's system turn) are computed once, in a stream of their own, and copied into each
-prompt's stream before the rest of it is prefilled. The prefix window is
+prompt's sequences are done the next prompt takes their streams (continuous batching). The prefix window is
 reproduced exactly: with a window, prompts start in waves (the next ones once all running ones are done), so all
 running sequences sit at the same answer position, and the control vector is switched from bias + prefix to bias
 alone once the first `prefix_tokens` answer tokens have been fed, keeping the KV cache.
@@ -186,18 +184,6 @@ class LlamaCppBackend:
             slot[s] = hole
         return sorted(active, key=slot.__getitem__)
 
-    def _shared_prefix(self, prompt_ids: list[list[int]], capacity: int) -> list[int]:
-        """The tokens every prompt starts with (a chat template's system turn: 24 of GSM8K's ~114 prompt tokens with
-        SmolLM2), all but the last token of the shortest prompt, which must be decoded for its logits. Computed once
-        per call in a stream of its own; none for a single prompt (its group already shares its whole prompt) or
-        when no stream is left for it."""
-        if len(prompt_ids) < 2 or capacity + 1 > self.lib.llama_max_parallel_sequences():
-            return []
-        shared = prompt_ids[0][: min(map(len, prompt_ids)) - 1]
-        for prompt in prompt_ids[1:]:
-            shared = shared[: next((i for i, (a, b) in enumerate(zip(shared, prompt)) if a != b), len(shared))]
-        return shared
-
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling,
                  seeds: list[int] | None = None) -> Rollouts:
         start = time.perf_counter()
@@ -219,14 +205,8 @@ class LlamaCppBackend:
         total = len(prompt_ids) * n
         capacity = total if running is None else min(total, max(n, running // n * n))
         longest = max(map(len, prompt_ids))
-        shared = self._shared_prefix(prompt_ids, capacity)
-        home = capacity  # the stream that holds the shared prefix, copied into each prompt's stream before its prefill
-        self._context(capacity + bool(shared), longest + sampling.max_new_tokens, longest)
+        self._context(capacity, longest + sampling.max_new_tokens, longest)
         memory = self.lib.llama_get_memory(self.ctx)
-        prompt_vectors = self.steered if self.prefix_tokens > 0 else self.unsteered  # prompts are in the window
-        if shared:
-            self._apply(prompt_vectors)
-            self._decode([(t, i, home, False) for i, t in enumerate(shared)])
         rngs = sequence_rngs(sampling, len(prompt_ids), n, seeds)
         completions: list[list[int]] = [[] for _ in range(total)]
         logprobs: list[list[float]] = [[] for _ in range(total)]
@@ -238,15 +218,13 @@ class LlamaCppBackend:
         clock = time.perf_counter()
         while waiting < len(prompt_ids) or active:
             if not active or self.prefix_tokens == 0:
-                self._apply(prompt_vectors)
+                self._apply(self.steered if self.prefix_tokens > 0 else self.unsteered)  # prompts are in the window
                 while waiting < len(prompt_ids) and len(active) + n <= capacity:
-                    # prefill the prompt once (after the shared prefix), then share its cache with the rest of its group
+                    # prefill the prompt once, then share its cache with the rest of its group
                     prompt, first = prompt_ids[waiting], len(active)
                     self.lib.llama_memory_seq_rm(memory, first, -1, -1)  # what a finished sequence left there
-                    if shared:
-                        self.lib.llama_memory_seq_cp(memory, home, first, -1, -1)
-                    self._decode([(prompt[i], i, first, i == len(prompt) - 1) for i in range(len(shared), len(prompt))])
-                    logits = self._logits(len(prompt) - len(shared) - 1)  # the batch's last token
+                    self._decode([(t, i, first, i == len(prompt) - 1) for i, t in enumerate(prompt)])
+                    logits = self._logits(len(prompt) - 1)
                     for j in range(n):
                         s = waiting * n + j
                         if j:
