@@ -77,7 +77,7 @@ def test_the_shipped_configs_parse():
     stages = [*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs" / "gsm8k").glob("*.yaml"),
               ROOT / "configs" / "evidence" / "sft.yaml", ROOT / "configs" / "evidence" / "grpo.yaml"]
     for config in sorted(stages):
-        verb = "sft" if "sft" in config.name and "grpo" not in config.name else "grpo"
+        verb = "lora" if config.name.startswith("lora") else "sft" if "sft" in config.name and "grpo" not in config.name else "grpo"
         parsed = parse(f"brep-rl {verb}", VERBS[verb].types, ["--config", str(config)])
         assert parsed[3].output_dir, config  # the trainer arguments
 
