@@ -144,8 +144,6 @@ def lora_variants(model, adapters: list[str], taken: set[str]):
 
     names = [Path(a).name for a in adapters]
     for adapter, name in zip(adapters, names):
-        if not all((Path(adapter) / file).is_file() for file in ADAPTER_FILES):
-            raise ConfigError(f"--lora {adapter}: not a PEFT adapter folder (expected {' and '.join(ADAPTER_FILES)})")
         label = name if name not in taken and names.count(name) == 1 else adapter
         with_adapter = PeftModel.from_pretrained(model, adapter).eval()
         try:
@@ -172,6 +170,9 @@ def evaluate(
     artifacts, see brep_rl.rollout); an adapter is generated with transformers."""
     artifacts = list(artifacts or [])
     loras = list(loras or [])
+    for adapter in loras:  # before any generation: they are evaluated last
+        if not all((Path(adapter) / file).is_file() for file in ADAPTER_FILES):
+            raise ConfigError(f"--lora {adapter}: not a PEFT adapter folder (expected {' and '.join(ADAPTER_FILES)})")
     scales = list(scales or [1.0])
     layer_specs = list(dict.fromkeys(layer_specs or ["all"]))
     problems = problems if problems is not None else load_task(

@@ -399,8 +399,7 @@ def run_grpo(model_args: ModelArguments, steer_args: SteeringArguments, data_arg
         curriculum_rows=lambda problems: prompt_rows(problems, data_args.instruction, data_args.system_prompt),
         train_dataset=prompt_dataset(problems, data_args.instruction, data_args.system_prompt), processing_class=tokenizer,
     )
-    if val_args is not None and val_args.validation_steps:
-        add_validation(trainer, val_args, data_args, model_args, train_args.seed)
+    add_validation(trainer, val_args, data_args, model_args, train_args.seed)
     output = train_and_save(trainer)
     if trainer.is_world_process_zero():
         print(f"\nsteering artifact: {output} (inspect it with `brep-rl inspect {output}`)")

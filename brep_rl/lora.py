@@ -41,8 +41,7 @@ def run_lora_grpo(model_args: ModelArguments, lora_args: LoraArguments, data_arg
         model=model, args=train_args, processing_class=tokenizer, peft_config=peft_config,
         reward_funcs=[guarded(f) for f in funcs], train_dataset=prompt_dataset(problems, data_args.instruction, data_args.system_prompt),
     )
-    if val_args is not None and val_args.validation_steps:
-        add_validation(trainer, val_args, data_args, model_args, train_args.seed)
+    add_validation(trainer, val_args, data_args, model_args, train_args.seed)
     return train_and_save(trainer)
 
 

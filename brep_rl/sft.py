@@ -200,8 +200,7 @@ def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args
         model=model, args=train_args, train_dataset=train_rows, eval_dataset=heldout_rows or None,
         data_collator=SFTCollator(tokenizer.pad_token_id), steer=steer, processing_class=tokenizer,
     )
-    if val_args is not None and val_args.validation_steps:
-        add_validation(trainer, val_args, data_args, model_args, train_args.seed)
+    add_validation(trainer, val_args, data_args, model_args, train_args.seed)
     output = train_and_save(trainer)
     # Both held-out losses after training, on every rank (evaluation is collective). Not before: an evaluate()
     # ahead of train() marks the model as prepared by accelerate, which then skips the DDP wrap.

@@ -73,10 +73,13 @@ def claim_output_dir(args) -> None:
 
 def add_validation(trainer, val_args, data_args, model_args, seed: int) -> None:
     """Validate every `val_args.validation_steps` steps (brep_rl/validation.py), with the trainer's rollout backend
-    or, for SFT, one made for the job (llama.cpp where it applies: ~3x faster than generate; for a LoRA, generate)."""
+    or, for SFT, one made for the job (llama.cpp where it applies: ~3x faster than generate; for a LoRA, generate).
+    Nothing when validation is off (no `val_args`, or 0 steps)."""
     from brep_rl.rollout import TransformersBackend, make_backend
     from brep_rl.validation import ValidationCallback
 
+    if val_args is None or not val_args.validation_steps:
+        return
     if zero3_enabled(trainer):
         logger.warning("no validation during training under ZeRO-3 (generation needs every rank)")
         return

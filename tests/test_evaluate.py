@@ -83,8 +83,9 @@ def test_eval_compares_lora_adapters_on_the_same_problems_and_takes_them_off_aga
     assert completions("lora-a") == tokenizer.batch_decode(expected.completion_ids, skip_special_tokens=True)
     assert completions("lora-a") != completions("base")
     with pytest.raises(ConfigError, match=r"--lora .*vec-missing: not a PEFT adapter folder"):
-        evaluate(tiny_llama, tokenizer, settings, [], None, None, problems=PROBLEMS, progress=False,
+        evaluate(tiny_llama, tokenizer, settings, [artifact], None, tmp_path / "bad", problems=PROBLEMS, progress=False,
                  loras=[str(tmp_path / "vec-missing")])
+    assert not (tmp_path / "bad" / "samples.jsonl").exists()  # refused before anything was generated
 
 
 def test_eval_is_deterministic_and_resumes_after_a_kill(tiny_llama, tokenizer, tmp_path, monkeypatch):
