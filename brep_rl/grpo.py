@@ -18,6 +18,7 @@ import random
 from collections import Counter
 
 import torch
+from accelerate.utils import gather_object
 from datasets import Dataset
 from torch import nn
 from transformers import TrainerCallback
@@ -122,6 +123,7 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
         self._rollout_calls: tuple[int, int] = (-1, 0)  # (global step, calls at that step): seeds survive a resume
         self._stash: dict[tuple[int, ...], tuple[list, list, list]] = {}  # rollouts dynamic sampling already made
         self._hints: Counter = Counter()  # hinted groups this step, and how many of them carried a signal
+        self._drawn_accuracy: list[float] | None = None  # this step's groups as dynamic sampling drew them
         self._trainer_logps: torch.Tensor | None = None
         self._verifier_seen = verifier_stats()
         self._failures_seen = dict(reward_failures)
@@ -173,6 +175,7 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
         """This process's groups with a signal (brep_rl/dynamic_sampling.py); their rollouts wait in the stash."""
         n = self.num_generations
         groups = [inputs[i : i + n] for i in range(0, len(inputs), n)]
+        self._drawn_accuracy = [] if self.curriculum is not None else None
         batch, stats = informative_groups(
             self._score_groups(groups, 0),
             lambda count, round_: self._score_groups(self._fresh_groups(count, round_), round_),
@@ -194,6 +197,8 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
         rewards see only what the policy wrote after it)."""
         prompt_ids, _, _ = self._tokenize_prompts([group[0]["prompt"] for group in groups])
         scored = self._generate_scored(groups, prompt_ids, prompt_ids, ("dynamic", round_))
+        if self._drawn_accuracy is not None:
+            self._drawn_accuracy += [sum(group.accuracies) / len(group.accuracies) for group in scored]
         share = self.hint_share()
         unsolved = [i for i, group in enumerate(scored) if share and not any(group.accuracies) and group.rows[0].get("solution")]
         if unsolved:
@@ -306,16 +311,21 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
         for key, value in zip(("verifier/timeouts", "verifier/errors", "reward_failures"), total.tolist()):
             self._metrics[mode][key].append(value)  # every rank's failures, not the first rank's alone
         if self.curriculum is not None and mode == "train":
-            self._advance_curriculum(inputs, completions)
+            drawn, self._drawn_accuracy = self._drawn_accuracy, None
+            self._advance_curriculum(drawn if drawn is not None else self._group_accuracy(inputs, completions))
         return rewards
 
-    def _advance_curriculum(self, inputs: list[dict], completions: list) -> None:
-        """The groups' accuracy, from every rank (so every rank moves the same way), into the curriculum."""
+    def _group_accuracy(self, inputs: list[dict], completions: list) -> list[float]:
         n = self.num_generations
         scores = self.accuracy_reward(completions=completions, answer=[row["answer"] for row in inputs])
-        groups = torch.tensor([sum(scores[i : i + n]) / n for i in range(0, len(scores) - n + 1, n)],
-                              dtype=torch.float32, device=self.accelerator.device)
-        level = self.curriculum.record(self.accelerator.gather(groups).tolist())
+        return [sum(scores[i : i + n]) / n for i in range(0, len(scores) - n + 1, n)]
+
+    def _advance_curriculum(self, accuracies: list[float]) -> None:
+        """The accuracy of every group of this step from every rank (so every rank moves the same way) into the
+        curriculum. With dynamic sampling these are the groups as drawn, before all-right and all-wrong ones were
+        dropped and before hints: the trained groups alone would hold the rolling accuracy near 0.5, under a 0.7
+        raise."""
+        level = self.curriculum.record(gather_object(accuracies))
         self._metrics["train"]["curriculum/level"].append(float(level))
 
     def extra_state(self) -> dict:

@@ -23,6 +23,19 @@ def test_two_process_ddp_grpo_gives_identical_vectors(tiny_model_dir, tmp_path, 
     assert rank0["bias"].abs().sum() > 0 and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
 
 
+@pytest.mark.slow
+def test_two_process_curriculum_moves_every_rank_alike(tiny_model_dir, tmp_path, monkeypatch):
+    # with dynamic sampling each rank draws its own number of groups; the level reads all of them on every rank
+    monkeypatch.setenv("RARE_HIT_ACCURACY", "1")
+    out = tmp_path / "cur"
+    proc = launch(grpo_args(tiny_model_dir, out, "--curriculum", "chain_sum", "--curriculum_window", "6",
+                            "--curriculum_raise", "0.05", "--curriculum_lower", "0", "--dynamic_sampling", "true",
+                            "--rollout_backend", "transformers", "--max_refills", "2", "--max_steps", "3",
+                            "--rewards", "testing_utils:rare_hit", "--extra_rewards", ""), torchrun(29533))
+    states = sorted(line.split(" ", 2)[2] for line in proc.stdout.splitlines() if " curriculum level " in line)
+    assert len(states) == 2 and states[0] == states[1], states
+
+
 def zero_config(folder, stage):
     """The shipped config, with every parameter partitioned under ZeRO-3, the vectors too."""
     config = folder / f"zero{stage}.json"

@@ -56,3 +56,25 @@ def test_grpo_trains_on_the_curriculum_and_checkpoints_its_state(tiny_model_dir,
                                   "--curriculum_raise", "0.01", "--curriculum_lower", "0", "--max_steps", "3",
                                   "--save_steps", "2", "--resume_from_checkpoint", str(out / "checkpoint-2")))
     assert resumed.curriculum.level == levels[-1]  # the level at checkpoint-2 came back, then step 3 moved it alike
+
+
+def even_answers_right(completions=(), answer=(), **kwargs) -> list[float]:
+    """Every sample right when the gold answer is even; every other sample when it is odd. Drawn groups average
+    ~0.75, the informative (odd) ones 0.5."""
+    return [1.0 if int(gold) % 2 == 0 else float(i % 2) for i, gold in enumerate(answer)]
+
+
+def test_with_dynamic_sampling_the_level_follows_the_groups_as_drawn(tiny_model_dir, tmp_path, monkeypatch):
+    # dynamic sampling trains on the odd-answer groups only (0.5); the all-right ones it drops are the policy's
+    # accuracy too, and they lift the rolling accuracy over the raise threshold
+    monkeypatch.setattr(grpo, "reward_function", lambda name, fallback: even_answers_right)
+    out = tmp_path / "dyn"
+    trainer = grpo.main(grpo_args(tiny_model_dir, out, "--curriculum", "chain_sum", "--curriculum_window", "4",
+                                  "--curriculum_raise", "0.6", "--curriculum_lower", "0", "--dynamic_sampling", "true",
+                                  "--rollout_backend", "transformers", "--max_refills", "6", "--max_steps", "4",
+                                  "--per_device_train_batch_size", "8",
+                                  "--rewards", "testing_utils:rare_hit", "--extra_rewards", ""))
+    logs = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "curriculum/level" in h]
+    assert all(log["dynamic/zero_variance_after"] == 0 for log in logs)  # trained: odd-answer groups only
+    assert any(log["dynamic/zero_variance_before"] > 0 for log in logs)  # drawn: all-right groups among them
+    assert trainer.curriculum.level >= 1
