@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from brep_rl.errors import BackendUnavailable
+from brep_rl.errors import BackendUnavailable, ConfigError
 from brep_rl.rollout.base import Rollouts, Sampling
 from brep_rl.rollout.sampling import sample_token, sequence_rngs
 from brep_rl.steering import SteeringConfig, SteeringVectors
@@ -195,15 +195,19 @@ class LlamaCppBackend:
     def generate_each(self, prompt_ids: list[list[int]], n: int, sampling: Sampling, seeds: list[int] | None = None,
                       running: int | None = None) -> Iterator[tuple[int, Rollouts]]:
         """(index of a prompt, its `n` completions) as each prompt's sequences finish, decoding at most `running`
-        sequences at once (default: all). Continuous batching: the next prompt starts as soon as `n` streams are
-        free. With a prefix window every running sequence must sit at the same answer position, so the next prompts
-        start together once all running ones are done (lockstep waves)."""
+        sequences at once (default: all, up to the 256 a llama.cpp context holds). Continuous batching: the next
+        prompt starts as soon as `n` streams are free. With a prefix window every running sequence must sit at the
+        same answer position, so the next prompts start together once all running ones are done (lockstep waves)."""
         if not prompt_ids:  # e.g. a resumed evaluation with nothing left to do
             return
         if self.steered is None:
             self.sync(None)
         total = len(prompt_ids) * n
-        capacity = total if running is None else min(total, max(n, running // n * n))
+        most = self.lib.llama_max_parallel_sequences() // n * n  # a context holds at most 256 KV streams
+        if not most:
+            raise ConfigError(f"llama.cpp decodes at most {self.lib.llama_max_parallel_sequences()} sequences at once: "
+                              f"{n} samples of one prompt do not fit (use fewer, or the transformers backend)")
+        capacity = min(total, most, total if running is None else max(n, running // n * n))
         longest = max(map(len, prompt_ids))
         self._context(capacity, longest + sampling.max_new_tokens, longest)
         memory = self.lib.llama_get_memory(self.ctx)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from brep_rl import SteeringConfig, SteeringVectors
+from brep_rl.errors import ConfigError
 from brep_rl.model import gguf_as_f32, smollm2_gguf
 from brep_rl.rollout import BackendUnavailable, Sampling, TransformersBackend, make_backend, stop_token_ids
 from brep_rl.rollout.llama_cpp import LlamaCppBackend
@@ -243,6 +244,22 @@ def test_continuous_batching_starts_a_prompt_when_streams_free_and_samples_what_
         assert all([seq for _, seq in entries] == list(range(len(entries))) for entries in steps)
     finally:
         steer.detach()
+
+
+@pytest.mark.slow
+def test_more_sequences_than_a_llama_cpp_context_holds_run_in_turns(smollm2, llama, monkeypatch):
+    # a context holds at most 256 KV streams: 3 prompts x 100 samples (validation's limit x samples) run as 2 + 1
+    _, tok = smollm2
+    ids = chat_ids(tok, MORE_PROMPTS[:3])
+    llama.sync(None)
+    sampling = Sampling(3, temperature=1.0, seed=0)
+    decoded = recorded_decodes(llama, monkeypatch)
+    together = llama.generate(ids, 100, sampling, seeds=[7, 8, 9])
+    assert max(len(entries) for entries in decoded) == 200  # two prompts' streams, then the third's
+    for p, seed in enumerate([7, 8, 9]):  # per-sequence seeds: what each prompt samples on its own
+        assert together.completion_ids[100 * p : 100 * (p + 1)] == llama.generate([ids[p]], 100, sampling, [seed]).completion_ids
+    with pytest.raises(ConfigError, match="at most 256 sequences at once: 300 samples of one prompt do not fit"):
+        llama.generate(ids[:1], 300, sampling)
 
 
 @pytest.mark.slow
