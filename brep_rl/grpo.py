@@ -325,8 +325,10 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
         curriculum. With dynamic sampling these are the groups as drawn, before all-right and all-wrong ones were
         dropped and before hints: the trained groups alone would hold the rolling accuracy near 0.5, under a 0.7
         raise."""
-        level = self.curriculum.record(gather_object(accuracies))
+        accuracies = gather_object(accuracies)
+        level = self.curriculum.record(accuracies)
         self._metrics["train"]["curriculum/level"].append(float(level))
+        self._metrics["train"]["curriculum/accuracy"].append(sum(accuracies) / len(accuracies))
 
     def extra_state(self) -> dict:
         return {"curriculum": self.curriculum.state()} if self.curriculum is not None else {}

@@ -77,4 +77,6 @@ def test_with_dynamic_sampling_the_level_follows_the_groups_as_drawn(tiny_model_
     logs = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "curriculum/level" in h]
     assert all(log["dynamic/zero_variance_after"] == 0 for log in logs)  # trained: odd-answer groups only
     assert any(log["dynamic/zero_variance_before"] > 0 for log in logs)  # drawn: all-right groups among them
+    accuracy = [log["curriculum/accuracy"] for log in logs]  # what the level reads: the drawn groups, logged
+    assert min(accuracy) >= 0.5 and max(accuracy) > 0.5
     assert trainer.curriculum.level >= 1
