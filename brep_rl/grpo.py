@@ -323,8 +323,8 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
     def _advance_curriculum(self, accuracies: list[float]) -> None:
         """The accuracy of every group of this step from every rank (so every rank moves the same way) into the
         curriculum. With dynamic sampling these are the groups as drawn, before all-right and all-wrong ones were
-        dropped and before hints: the trained groups alone would hold the rolling accuracy near 0.5, under a 0.7
-        raise."""
+        dropped and before hints: the trained groups alone pull the rolling accuracy toward 0.5, whatever the
+        policy's accuracy on the level."""
         accuracies = gather_object(accuracies)
         level = self.curriculum.record(accuracies)
         self._metrics["train"]["curriculum/level"].append(float(level))
