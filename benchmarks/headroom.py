@@ -24,15 +24,18 @@ from report import write
 
 from brep_rl import load_base
 from brep_rl.arguments import EvalSettings
-from brep_rl.data import Problem, json_mapping, load_task
+from brep_rl.data import Problem, chain_sum_kind, json_mapping, load_task
 from brep_rl.evaluate import evaluate
 from brep_rl.metrics import pass_at_k
 
 
 def tier(problem: Problem) -> str:
-    """GSM8K problems by the calculator steps of their reference solution (1, 2, 3, 4+); other tasks: all."""
+    """GSM8K problems by the calculator steps of their reference solution (1, 2, 3, 4+); chain_sum by what the sum
+    asks (data.chain_sum_kind); other tasks: all."""
     steps = problem.meta.get("steps")
-    return "all" if steps is None else ("4+" if steps >= 4 else str(steps))
+    if steps is not None:
+        return "4+" if steps >= 4 else str(steps)
+    return chain_sum_kind(problem) or "all"
 
 
 def pass_at_ks(records: list[dict], ks: list[int], tiers: dict[str, str]) -> list[dict]:

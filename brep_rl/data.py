@@ -227,6 +227,16 @@ def scratchpad_solution(expression: str) -> str | None:
     return "\n".join([*lines, f"#### {total}"])
 
 
+def chain_sum_kind(problem: Problem) -> str | None:
+    """What a chain_sum problem asks: "additions" only, a "subtraction" with a result >= 0, or a "negative result"
+    (small models fail most on the last); None for other problems."""
+    if problem.meta.get("source_dataset") != "chain_sum":
+        return None
+    if problem.answer.startswith("-"):
+        return "negative result"
+    return "subtraction" if " - " in problem.meta["expression"] else "additions"
+
+
 def rg_problem(entry: dict[str, Any], problem_id: str) -> Problem:
     """A reasoning-gym entry as a Problem: its scalar metadata kept, a worked solution where one can be made."""
     meta = {k: v for k, v in entry.get("metadata", {}).items() if isinstance(v, (str, int, float, bool))}

@@ -24,10 +24,18 @@ def to_json(data: Any, **kwargs: Any) -> str:
     return json.dumps(strict(data), allow_nan=False, **kwargs)
 
 
-def write_json(path: str | Path, data: Any) -> None:
+def write_text(path: str | Path, text: str) -> None:
     """Write beside the destination, then rename: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(to_json(data, indent=2, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    write_text(path, to_json(data, indent=2, default=str) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    write_text(path, "".join(to_json(row) + "\n" for row in rows))

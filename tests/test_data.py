@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +137,23 @@ def test_gsm8k_train_splits_into_fit_and_validation_by_id_and_counts_calculator_
     assert 0.08 < len(validation) / len(train) < 0.12
     first = train[0]  # Natalia sold clips: <<48/2=24>> and <<48+24=72>>
     assert first.meta["steps"] == 2 and all(p.meta["steps"] >= 0 for p in train)
+
+
+def test_chain_sum_problems_by_kind_and_as_a_jsonl_task_of_some_kinds(tmp_path):
+    cfg = '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}'
+    problems = load_task("rg:chain_sum", "train", limit=60, rg_config=json.loads(cfg))
+    kinds = {p.id: data.chain_sum_kind(p) for p in problems}
+    for p in problems:
+        a, op, b = p.meta["expression"].split()
+        expected = "additions" if op == "+" else ("negative result" if int(a) < int(b) else "subtraction")
+        assert kinds[p.id] == expected, p
+    assert data.chain_sum_kind(load_task("gsm8k", "train", limit=1)[0]) is None
+
+    out = tmp_path / "subtractions.jsonl"
+    script = Path(__file__).parents[1] / "scripts" / "chain_sum_subset.py"
+    subprocess.run([sys.executable, str(script), "--kinds", "subtraction", "negative result",
+                    "--rg_config", cfg, "--limit", "60", "--out", str(out)], check=True, capture_output=True)
+    kept = load_jsonl_task(out)
+    assert [(p.id, p.question, p.answer) for p in kept] == [
+        (p.id, p.question, p.answer) for p in problems if kinds[p.id] != "additions"]
+    assert 0 < len(kept) < len(problems)
