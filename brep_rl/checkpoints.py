@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from brep_rl.errors import ArtifactError, ConfigError
-from brep_rl.files import to_json
+from brep_rl.files import to_json, write_jsonl
 from brep_rl.steering import CONFIG_NAME, WEIGHTS_NAME, read_artifact
 
 logger = logging.getLogger(__name__)
@@ -171,9 +171,7 @@ class StepLog:
                     kept.append(row)
         self.rows = {row["step"]: row for row in kept}
         if self.path.exists():
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(to_json(row) + "\n" for row in kept))
-            os.replace(tmp, self.path)
+            write_jsonl(self.path, kept)
 
     def record(self, step: int, values: dict) -> None:
         if step < 0 or step in self.rows:  # end-of-training and evaluation logs repeat the step

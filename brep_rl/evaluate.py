@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 from brep_rl.arguments import EvalSettings, parse_layers
 from brep_rl.data import Problem, chat_prompt, chat_prompt_ids, load_task
 from brep_rl.errors import ConfigError
-from brep_rl.files import to_json, write_json
+from brep_rl.files import to_json, write_json, write_jsonl
 from brep_rl.metrics import accuracy_interval, majority_vote, paired_difference, pass_at_k
 from brep_rl.rollout import Backend, Rollouts, Sampling, TransformersBackend, generate_each, hash_seed, make_backend
 from brep_rl.steering import CONFIG_NAME, WEIGHTS_NAME, SteeringVectors, read_artifact
@@ -77,9 +76,7 @@ class RecordStore:
                 self.records[(record["model"], record["problem_id"], record["sample"])] = record
             if dropped or (text and not text.endswith("\n")):
                 # rewrite without the broken line, so new records are not appended onto it
-                tmp = self.path.with_suffix(".jsonl.tmp")
-                tmp.write_text("".join(to_json(r) + "\n" for r in self.records.values()))
-                os.replace(tmp, self.path)
+                write_jsonl(self.path, self.records.values())
 
     def check_artifact(self, label: str, artifact: str | None) -> None:
         """Records of `label` are reused only for the very artifact that produced them (same file contents)."""

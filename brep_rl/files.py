@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,5 +38,5 @@ def write_json(path: str | Path, data: Any) -> None:
     write_text(path, to_json(data, indent=2, default=str) + "\n")
 
 
-def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     write_text(path, "".join(to_json(row) + "\n" for row in rows))
