@@ -227,6 +227,9 @@ def scratchpad_solution(expression: str) -> str | None:
     return "\n".join([*lines, f"#### {total}"])
 
 
+CHAIN_SUM_KINDS = ("additions", "subtraction", "negative result")
+
+
 def chain_sum_kind(problem: Problem) -> str | None:
     """What a chain_sum problem asks: "additions" only, a "subtraction" with a result >= 0, or a "negative result"
     (small models fail most on the last); None for other problems."""
