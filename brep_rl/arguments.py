@@ -484,7 +484,9 @@ class BlendArguments:
 
     artifacts: list[str] = field(metadata={"help": "two or more artifact folders"})
     out: str = field(metadata={"help": "the artifact folder to write"})
-    weights: str | None = field(default=None, metadata={"help": "comma-separated, one per artifact (default: equal)"})
+    weights: str | None = field(default=None, metadata={
+        "help": "comma-separated, one per artifact (default: equal); a negative first weight needs the = form: "
+                "--weights=-1,2 extrapolates from A through B"})
 
     def weight_list(self) -> list[float]:
         if self.weights is None:

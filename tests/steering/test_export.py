@@ -72,6 +72,11 @@ def test_blend_is_the_weighted_sum_and_refuses_misfits(tiny_llama, tmp_path):
     blended = SteeringVectors.from_pretrained(tmp_path / "c", tiny_llama)
     assert torch.allclose(blended.bias.detach(), torch.full_like(blended.bias, 2.5))
     blended.detach()
+    # extrapolation, as in the docs: a + 2 x (b - a) = 5, the negative weight written in the = form
+    assert main(["blend", str(a), str(b), "--weights=-1,2", "--out", str(tmp_path / "x2")]) == 0
+    extrapolated = SteeringVectors.from_pretrained(tmp_path / "x2", tiny_llama)
+    assert torch.allclose(extrapolated.bias.detach(), torch.full_like(extrapolated.bias, 5.0))
+    extrapolated.detach()
     other = artifact(tiny_llama, tmp_path / "d", layers=(1,))
     with pytest.raises(ArtifactError, match="do not fit together"):
         blend([a, other], [0.5, 0.5], tmp_path / "e")
