@@ -348,6 +348,9 @@ class SteeringGRPOConfig(GRPOConfig):
                 "reference solution as the start of the answer (Prefix-RFT); 0 = no hints"})
     hint_decay_steps: int | None = field(default=None, metadata={
         "help": "the hint share falls linearly to 0 at this step (default: max_steps)"})
+    demonstrations: bool = field(default=False, metadata={
+        "help": "dynamic sampling: in a group no sample of which is right, the last sample is replaced by the "
+                "reference solution and trained as an off-policy sample (LUFFY, arXiv 2504.14945)"})
     # TRL's truncated importance sampling (its vLLM correction), applied to llama.cpp rollouts: per-token ratio
     # pi_train / pi_sampler capped at vllm_importance_sampling_clip_max
     vllm_importance_sampling_mode: str = "token_truncate"
@@ -358,6 +361,10 @@ class SteeringGRPOConfig(GRPOConfig):
             raise ConfigError(f"--hint_share: expected a share of the solution in [0, 1], got {self.hint_share}")
         if self.hint_share and not self.dynamic_sampling:
             raise ConfigError("--hint_share gives hints to groups dynamic sampling finds unsolved: add --dynamic_sampling true")
+        if self.demonstrations and not self.dynamic_sampling:
+            raise ConfigError("--demonstrations guide groups dynamic sampling finds unsolved: add --dynamic_sampling true")
+        if self.demonstrations and self.hint_share:
+            raise ConfigError("--demonstrations and --hint_share both guide unsolved groups: choose one")
         _positive("hint_decay_steps", self.hint_decay_steps, allow_none=True)
         if self.hint_share and self.hint_decay_steps is None and self.max_steps <= 0:
             raise ConfigError("--hint_share decays to 0 at --hint_decay_steps, which defaults to --max_steps; "

@@ -122,7 +122,7 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
                 self.vllm_generation, self._last_loaded_step = _SyncedByCallback(), -1
         self._rollout_calls: tuple[int, int] = (-1, 0)  # (global step, calls at that step): seeds survive a resume
         self._stash: dict[tuple[int, ...], tuple[list, list, list]] = {}  # rollouts dynamic sampling already made
-        self._hints: Counter = Counter()  # hinted groups this step, and how many of them carried a signal
+        self._guided: Counter = Counter()  # hinted groups this step (and how many then had a signal), demonstrations
         self._drawn_accuracy: list[float] | None = None  # this step's groups as dynamic sampling drew them
         self._trainer_logps: torch.Tensor | None = None
         self._verifier_seen = verifier_stats()
@@ -184,17 +184,20 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
         self._stash = {group.rollout[0]: group.rollout[1] for group in batch}
         metrics = stats.as_metrics(len(groups))
         if self.args.hint_share:
-            metrics |= {"hints/share": self.hint_share(), "hints/groups": float(self._hints["groups"]),
-                        "hints/informative": float(self._hints["informative"])}
-        self._hints = Counter()
+            metrics |= {"hints/share": self.hint_share(), "hints/groups": float(self._guided["hinted"]),
+                        "hints/informative": float(self._guided["informative"])}
+        if self.args.demonstrations:
+            metrics["demonstrations/groups"] = float(self._guided["demonstrated"])
+        self._guided = Counter()
         for key, value in metrics.items():
             self._metrics["train"][key].append(value)
         return [row for group in batch for row in group.rows]
 
     def _score_groups(self, groups: list[list[dict]], round_: int) -> list[ScoredGroup]:
-        """Generate and score `groups`; with --hint_share, a group no sample of which is right is generated again
-        with the start of its reference solution given (the hint sits at the end of the prompt, so the loss and the
-        rewards see only what the policy wrote after it)."""
+        """Generate and score `groups`. A group no sample of which is right is guided by its reference solution:
+        with --hint_share it is generated again with the start of the solution given (the hint sits at the end of
+        the prompt, so the loss and the rewards see only what the policy wrote after it); with --demonstrations
+        the solution takes the place of its last sample."""
         prompt_ids, _, _ = self._tokenize_prompts([group[0]["prompt"] for group in groups])
         scored = self._generate_scored(groups, prompt_ids, prompt_ids, ("dynamic", round_))
         if self._drawn_accuracy is not None:
@@ -207,9 +210,32 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
                                           ("hint", round_))
             for i, group in zip(unsolved, again):
                 scored[i] = group
-                self._hints["informative"] += group.informative
-            self._hints["groups"] += len(unsolved)
+                self._guided["informative"] += group.informative
+            self._guided["hinted"] += len(unsolved)
+        if self.args.demonstrations:
+            for group in scored:
+                if not any(group.accuracies) and group.rows[0].get("solution"):
+                    self._guided["demonstrated"] += self._demonstrate(group)
         return scored
+
+    def _demonstrate(self, group: ScoredGroup) -> bool:
+        """The reference solution in place of the group's last sample, so that a problem the policy never solves
+        still has one right answer to move toward (LUFFY's off-policy guidance). Nobody sampled it: its sampler
+        log-probs are NaN, which TRL's importance-sampling correction reads as ratio 1. False (group unchanged)
+        when the solution does not fit in max_completion_length or its own answer does not score as right."""
+        tokenizer = self.processing_class
+        ids = tokenizer(group.rows[-1]["solution"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        if len(ids) > self.max_completion_length:
+            return False
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if not self.accuracy_reward(completions=[text], answer=[group.rows[-1]["answer"]])[0]:
+            return False
+        _, (_, completions, logprobs) = group.rollout
+        completions[-1] = ids
+        if logprobs[-1] is not None:
+            logprobs[-1] = [float("nan")] * len(ids)
+        group.accuracies[-1] = 1.0
+        return True
 
     def _generate_scored(self, groups: list[list[dict]], prompt_ids: list[list[int]], fed: list[list[int]],
                          purpose: tuple) -> list[ScoredGroup]:
@@ -290,13 +316,15 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
         sampled = inputs.get("sampling_per_token_logps")
         if sampled is not None and self._trainer_logps is not None:
             # how far the backend's sampling distribution is from the trainer's (quantisation, kernels)
-            mask = inputs["completion_mask"].bool()
-            diff = (self._trainer_logps.detach() - sampled)[mask]
+            # over sampled tokens: a demonstration's (NaN) were never sampled
+            sampled_tokens = inputs["completion_mask"].bool() & ~torch.isnan(sampled)
+            diff = (self._trainer_logps.detach() - sampled).masked_fill(~sampled_tokens, float("nan"))
+            stats = torch.stack([diff.abs().nanmean(), diff.abs().nan_to_num(0.0).max(), (-diff).nanmean()])
+            gathered = self.accelerator.gather(stats.reshape(1, 3))
             mode = "train" if self.model.training else "eval"
-            gathered = self.accelerator.gather(torch.stack([diff.abs().mean(), diff.abs().max(), (-diff).mean()]).reshape(1, 3))
-            self._metrics[mode]["rollout/logp_diff_mean"].append(gathered[:, 0].mean().item())
+            self._metrics[mode]["rollout/logp_diff_mean"].append(gathered[:, 0].nanmean().item())
             self._metrics[mode]["rollout/logp_diff_max"].append(gathered[:, 1].max().item())
-            self._metrics[mode]["rollout/kl_sampler_trainer"].append(gathered[:, 2].mean().item())
+            self._metrics[mode]["rollout/kl_sampler_trainer"].append(gathered[:, 2].nanmean().item())
         self._trainer_logps = None
         return loss
 

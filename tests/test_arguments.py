@@ -51,6 +51,8 @@ def test_a_bad_choice_fails_while_parsing_in_one_line(argv, names, tmp_path):
     (["grpo", "--hint_share", "0.5"], "--hint_share gives hints to groups dynamic sampling finds unsolved"),
     (["grpo", "--dynamic_sampling", "true", "--hint_share", "1.5"], "--hint_share: expected a share of the solution"),
     (["grpo", "--dynamic_sampling", "true", "--hint_share", "0.5", "--max_steps", "-1"], "give --hint_decay_steps"),
+    (["grpo", "--demonstrations", "true"], "--demonstrations guide groups dynamic sampling finds unsolved"),
+    (["grpo", "--dynamic_sampling", "true", "--demonstrations", "true", "--hint_share", "0.5"], "choose one"),
     (["eval", "--layers", "5-2"], "--layers: "),
     (["grpo", "--no_such_flag", "1"], "no_such_flag"),
     (["grpo", "--config", "missing.yaml"], "missing.yaml"),

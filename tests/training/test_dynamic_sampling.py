@@ -1,8 +1,10 @@
 """Dynamic sampling: batches of groups with a signal, refilled from fresh prompts, capped, never smaller."""
 
 import json
+import math
 
 import pytest
+import torch
 
 from brep_rl import grpo
 from brep_rl.dynamic_sampling import ScoredGroup, informative_groups
@@ -90,3 +92,51 @@ def test_unsolved_groups_are_generated_again_and_trained_with_a_hint(tiny_model_
     assert all(0 <= log["hints/informative"] <= log["hints/groups"] for log in logs)
     # TRL trained on hinted prompts: prompt ids that end in a hint that was handed out
     assert any(len(h) and ids[-len(h):] == h for ids in trained for h in hints)
+
+
+def solution_logprob(trainer, rows) -> float:
+    """Mean log-prob per token of each row's reference solution (and end of turn) after its prompt."""
+    tokenizer, total, count = trainer.processing_class, 0.0, 0
+    prompt_ids, _, _ = trainer._tokenize_prompts([row["prompt"] for row in rows])
+    for prompt, row in zip(prompt_ids, rows):
+        answer = tokenizer(row["solution"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        ids = torch.tensor([prompt + answer])
+        with torch.no_grad(), trainer.steer.window(len(prompt)):
+            logprobs = trainer.model(input_ids=ids).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
+        total += logprobs.gather(1, torch.tensor(answer)[:, None]).sum().item()
+        count += len(answer)
+    return total / count
+
+
+def test_unsolved_groups_train_on_the_reference_solution_in_place_of_a_sample(tiny_model_dir, tmp_path, monkeypatch):
+    trained = []  # (completion ids, sampler log-probs) of every row TRL trained on
+    real_rollout = grpo.SteeringGRPOTrainer._rollout
+
+    def recording_rollout(self, prompts, trainer):
+        output = real_rollout(self, prompts, trainer)
+        trained.extend(zip(output["completion_ids"], output["logprobs"]))
+        return output
+
+    monkeypatch.setattr(grpo.SteeringGRPOTrainer, "_rollout", recording_rollout)
+    out = tmp_path / "demonstrations"
+    # the accuracy reward alone: a random model solves no sum, so every group is all wrong and has no signal
+    trainer = grpo.main(grpo_args(tiny_model_dir, out, "--dynamic_sampling", "true", "--demonstrations", "true",
+                                  "--max_refills", "0", "--rollout_backend", "transformers", "--extra_rewards", "",
+                                  "--max_completion_length", "24", "--max_steps", "3", "--per_device_train_batch_size", "8",
+                                  "--radius", "1.0"))
+    logs = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "reward" in h]
+    tokenizer, rows = trainer.processing_class, list(trainer.train_dataset)
+    solutions = {tuple(tokenizer(row["solution"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id])
+                 for row in rows}
+    demonstrations = [logprobs for ids, logprobs in trained if tuple(ids) in solutions]
+    # one demonstration per group, in the last place, never sampled: NaN sampler log-probs (importance ratio 1)
+    assert len(demonstrations) == sum(log["demonstrations/groups"] for log in logs) == len(trained) // 4 == 6
+    assert all(tuple(ids) in solutions for ids, _ in trained[3::4])
+    assert all(math.isnan(lp) for logprobs in demonstrations for lp in logprobs)
+    assert all(log["dynamic/zero_variance_after"] == 0 and log["reward"] == pytest.approx(0.25) for log in logs)
+    assert all(math.isfinite(log["rollout/kl_sampler_trainer"]) for log in logs)  # sampled tokens only
+    # trained toward the answers it never sampled
+    steered = solution_logprob(trainer, rows[:8])
+    with trainer.steer.disabled():
+        assert steered > solution_logprob(trainer, rows[:8]) + 0.1, steered
+
