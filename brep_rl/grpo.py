@@ -214,7 +214,7 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
             self._guided["hinted"] += len(unsolved)
         if self.args.demonstrations:
             for group in scored:
-                if not any(group.accuracies) and group.rows[0].get("solution"):
+                if not any(group.accuracies):
                     self._guided["demonstrated"] += self._demonstrate(group)
         return scored
 
@@ -222,13 +222,15 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
         """The reference solution in place of the group's last sample, so that a problem the policy never solves
         still has one right answer to move toward (LUFFY's off-policy guidance). Nobody sampled it: its sampler
         log-probs are NaN, which TRL's importance-sampling correction reads as ratio 1. False (group unchanged)
-        when the solution does not fit in max_completion_length or its own answer does not score as right."""
-        tokenizer = self.processing_class
-        ids = tokenizer(group.rows[-1]["solution"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        when the problem has no solution, it does not fit in max_completion_length or its answer does not score."""
+        row = group.rows[0]
+        if not row.get("solution"):
+            return False
+        ids = demonstration_ids(self.processing_class, row["solution"])
         if len(ids) > self.max_completion_length:
             return False
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if not self.accuracy_reward(completions=[text], answer=[group.rows[-1]["answer"]])[0]:
+        text = self.processing_class.decode(ids, skip_special_tokens=True)
+        if not self.accuracy_reward(completions=[text], answer=[row["answer"]])[0]:
             return False
         _, (_, completions, logprobs) = group.rollout
         completions[-1] = ids
@@ -407,6 +409,11 @@ def hint_ids(tokenizer, solution: str, share: float) -> list[int]:
     """The first `share` of a worked solution's tokens, never its final "#### answer" line."""
     ids = tokenizer(solution.split("####")[0].rstrip(), add_special_tokens=False).input_ids
     return ids[: int(len(ids) * share)]
+
+
+def demonstration_ids(tokenizer, solution: str) -> list[int]:
+    """A worked solution as the completion a policy would have written: its tokens, then the end of the turn."""
+    return tokenizer(solution, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
 
 def prompt_dataset(problems, instruction: str | None, system_prompt: str | None) -> Dataset:

@@ -96,10 +96,10 @@ def test_unsolved_groups_are_generated_again_and_trained_with_a_hint(tiny_model_
 
 def solution_logprob(trainer, rows) -> float:
     """Mean log-prob per token of each row's reference solution (and end of turn) after its prompt."""
-    tokenizer, total, count = trainer.processing_class, 0.0, 0
+    total, count = 0.0, 0
     prompt_ids, _, _ = trainer._tokenize_prompts([row["prompt"] for row in rows])
     for prompt, row in zip(prompt_ids, rows):
-        answer = tokenizer(row["solution"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        answer = grpo.demonstration_ids(trainer.processing_class, row["solution"])
         ids = torch.tensor([prompt + answer])
         with torch.no_grad(), trainer.steer.window(len(prompt)):
             logprobs = trainer.model(input_ids=ids).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
@@ -126,8 +126,7 @@ def test_unsolved_groups_train_on_the_reference_solution_in_place_of_a_sample(ti
                                   "--radius", "1.0"))
     logs = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "reward" in h]
     tokenizer, rows = trainer.processing_class, list(trainer.train_dataset)
-    solutions = {tuple(tokenizer(row["solution"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id])
-                 for row in rows}
+    solutions = {tuple(grpo.demonstration_ids(tokenizer, row["solution"])) for row in rows}
     demonstrations = [logprobs for ids, logprobs in trained if tuple(ids) in solutions]
     # one demonstration per group, in the last place, never sampled: NaN sampler log-probs (importance ratio 1)
     assert len(demonstrations) == sum(log["demonstrations/groups"] for log in logs) == len(trained) // 4 == 6
@@ -139,4 +138,3 @@ def test_unsolved_groups_train_on_the_reference_solution_in_place_of_a_sample(ti
     steered = solution_logprob(trainer, rows[:8])
     with trainer.steer.disabled():
         assert steered > solution_logprob(trainer, rows[:8]) + 0.1, steered
-
