@@ -39,10 +39,13 @@ def tier(problem: Problem) -> str:
 
 
 def pass_at_ks(records: list[dict], ks: list[int], tiers: dict[str, str]) -> list[dict]:
-    """One row per (model, tier): problems, mean per-sample accuracy and unbiased pass@k, from per-sample records."""
+    """One row per (model, tier), and per model over all tiers when there are several: problems, mean per-sample
+    accuracy and unbiased pass@k, from per-sample records."""
     correct: dict[tuple[str, str], dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    several = len(set(tiers.values())) > 1
     for r in records:
-        correct[(r["model"], tiers[r["problem_id"]])][r["problem_id"]].append(bool(r["correct"]))
+        for group in (tiers[r["problem_id"]], "all") if several else (tiers[r["problem_id"]],):
+            correct[(r["model"], group)][r["problem_id"]].append(bool(r["correct"]))
     rows = []
     for (model, group), problems in sorted(correct.items()):
         n = min(len(v) for v in problems.values())
