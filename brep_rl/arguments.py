@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,7 +18,7 @@ from transformers import TrainingArguments
 from trl import GRPOConfig
 
 from brep_rl.data import DEFAULT_INSTRUCTION, Problem, json_mapping, load_task
-from brep_rl.errors import ConfigError
+from brep_rl.errors import ConfigError, DataError
 from brep_rl.steering import SteeringConfig
 
 Mode = Literal["bias", "prefix", "bias+prefix"]
@@ -195,6 +196,9 @@ class GRPODataArguments(TaskArguments):
     curriculum_raise: float = field(default=0.7, metadata={"help": "raise the level above this rolling accuracy"})
     curriculum_lower: float = field(default=0.1, metadata={"help": "lower the level below this rolling accuracy"})
     curriculum_start_level: int = 0
+    mix: str | None = field(default=None, metadata={
+        "help": "other tasks whose train-split problems join the training set, JSON (a mapping in YAML): task -> "
+                "{limit, rg_config}; each adds `limit` problems, so the limits weigh the mix"})
     eval_task: str | None = field(default=None, metadata={"help": "task of the final base vs steered eval (default: the training task)"})
     eval_split: str = "test"
     eval_limit: int = field(default=50, metadata={"help": "problems in the final eval (0: skip it)"})
@@ -211,6 +215,27 @@ class GRPODataArguments(TaskArguments):
         _non_negative("eval_limit", self.eval_limit)
         _positive("eval_max_new_tokens", self.eval_max_new_tokens, allow_none=True)
         self.eval_rg_config = _json_flag("eval_rg_config", self.eval_rg_config)
+        self.mix = _json_flag("mix", self.mix)
+        for task, spec in (self.mix or {}).items():
+            if not isinstance(spec, dict) or set(spec) - {"limit", "rg_config"} or not isinstance(spec.get("limit"), int) \
+                    or isinstance(spec["limit"], bool) or spec["limit"] < 1:
+                raise ConfigError(f"--mix: task {task!r}: expected {{\"limit\": <positive int>, \"rg_config\": "
+                                  f"<mapping, optional>}}, got {spec!r}")
+            spec["rg_config"] = _json_flag(f"mix {task} rg_config", spec.get("rg_config"))
+        if self.mix and self.curriculum:
+            raise ConfigError("--mix with --curriculum: the curriculum draws every training prompt, so the mixed "
+                              "tasks would never be trained on")
+
+    def training_problems(self, seed: int) -> list[Problem]:
+        """The task's problems, then each mixed task's (`limit` problems of the same split)."""
+        problems = self.load_problems(seed)
+        for task, spec in (self.mix or {}).items():
+            problems += load_task(task, self.split, spec["limit"], seed=seed, rg_config=spec["rg_config"])
+        repeated = [pid for pid, n in Counter(p.id for p in problems).items() if n > 1]
+        if repeated:
+            raise DataError(f"--mix: problem ids repeat across the mixed tasks (e.g. {repeated[0]!r}); mix tasks other "
+                            f"than --task {self.task!r}")
+        return problems
 
     def reward_names(self, weights: list[float] | None) -> tuple[list[str], list[float]]:
         """(names, weights) with the shorthands folded in: --rewards/--reward_weights, then format and extras."""

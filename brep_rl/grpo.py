@@ -425,7 +425,7 @@ def run_grpo(model_args: ModelArguments, steer_args: SteeringArguments, data_arg
     claim_output_dir(train_args)
     funcs, train_args.reward_weights = reward_functions(*data_args.reward_names(train_args.reward_weights), data_args.fallback,
                                                          data_args.allow_reward_imports)
-    problems = data_args.load_problems(train_args.seed)
+    problems = data_args.training_problems(train_args.seed)
     if not all(p.answer for p in problems):
         raise DataError(f"task {data_args.task!r}: every problem needs a gold answer for the reward")
 
@@ -434,7 +434,7 @@ def run_grpo(model_args: ModelArguments, steer_args: SteeringArguments, data_arg
 
     model, tokenizer, steer = load_for_training(model_args, steer_args, calibration)
     steer.config.provenance = {**steer.config.provenance, "stage": "grpo", "task": data_args.task, "split": data_args.split,
-                               "rg_config": data_args.rg_config}
+                               "rg_config": data_args.rg_config, **({"mix": data_args.mix} if data_args.mix else {})}
     backend = make_backend(train_args.rollout_backend, model, tokenizer, model_args.model, [steer.config], torch.get_num_threads())
     curriculum = None
     if data_args.curriculum:

@@ -1,5 +1,6 @@
 """The argument layer: every verb's flags, checked while parsing, before any model loads."""
 
+import re
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import pytest
 
 from brep_rl.arguments import GRPODataArguments, parse_layers
 from brep_rl.cli import VERBS, main, parse
+from brep_rl.data import in_split
 from brep_rl.errors import DataError
 from testing_utils import ROOT
 
@@ -88,6 +90,39 @@ def test_rewards_are_named_with_weights():
     data = GRPODataArguments(rewards=["accuracy"], format_reward_weight=0.2, extra_rewards="testing_utils:text_length")
     assert data.reward_names(None) == (["accuracy", "format", "testing_utils:text_length"], [1.0, 0.2, 1.0])
     assert GRPODataArguments(rewards=["accuracy", "format"]).reward_names([1.0, 0.5]) == (["accuracy", "format"], [1.0, 0.5])
+
+
+ARITHMETIC = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+", "-", "*"]}
+
+
+def test_a_mix_adds_train_split_problems_of_other_tasks():
+    data = GRPODataArguments(task="rg:chain_sum", limit=10, mix={"rg:basic_arithmetic": {"limit": 8, "rg_config": ARITHMETIC}})
+    problems = data.training_problems(seed=0)
+    assert [p.id for p in problems[:10]] == [p.id for p in data.load_problems(seed=0)]  # the task first, unchanged
+    mixed = problems[10:]
+    assert len(mixed) == 8 and {p.meta["source_dataset"] for p in mixed} == {"basic_arithmetic"}
+    assert all(in_split(p.question, "train") for p in mixed)  # never a test-split problem
+    numbers = [n for p in mixed for n in re.findall(r"\d+", p.meta["expression"])]
+    assert max(map(len, numbers)) == 1 and not any("/" in p.meta["expression"] for p in mixed)  # its rg_config applied
+
+
+@pytest.mark.parametrize("mix, message", [
+    ({"rg:basic_arithmetic": 4}, "expected"),
+    ({"rg:basic_arithmetic": {"limit": 0}}, "expected"),
+    ({"rg:basic_arithmetic": {"limit": 4, "weight": 2}}, "expected"),
+    ('["rg:basic_arithmetic"]', "expected a JSON object"),
+])
+def test_bad_mixes_are_refused_with_the_task(mix, message):
+    with pytest.raises(ValueError, match=f"--mix.*{message}"):
+        GRPODataArguments(mix=mix)
+
+
+def test_a_mix_needs_other_tasks_and_no_curriculum():
+    with pytest.raises(ValueError, match="--mix with --curriculum"):
+        GRPODataArguments(mix={"rg:basic_arithmetic": {"limit": 4}}, curriculum="chain_sum")
+    same = GRPODataArguments(task="rg:chain_sum", limit=10, mix={"rg:chain_sum": {"limit": 4}})
+    with pytest.raises(DataError, match="problem ids repeat"):
+        same.training_problems(seed=0)
 
 
 def test_every_verb_has_a_full_help():
