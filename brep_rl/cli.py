@@ -192,17 +192,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if flag:
             rest = [flag, *rest]
     verb = VERBS[name]
-    from brep_rl.training import quiet_dependency_warnings
+    from brep_rl.training import exit_rank, quiet_dependency_warnings
     from reward import RewardConfigError
 
     quiet_dependency_warnings()
     parsed = parse(f"brep-rl {name}", verb.types, rest, verb.yaml_config)
+    code = 0
     try:
         verb.run(*parsed)
     except (UserError, RewardConfigError, FileNotFoundError, PermissionError) as e:
         print(f"brep-rl {name}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        code = 2
+    exit_rank(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -120,6 +121,19 @@ def destroy_process_group() -> None:
     threads still hold tensors whose release needs the GIL of an interpreter being torn down (pytorch PR 179291)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def exit_rank(code: int) -> None:
+    """End a rank of a multi-process run whose work is done: Python's exit handlers run (destroy_process_group among
+    them), the interpreter's teardown does not. DDP keeps the process group alive past destroy_process_group, and in
+    the teardown a C++ worker thread that reaches for the GIL is ended with pthread_exit, which aborts the rank now and
+    then (SIGABRT, "terminate called without an active exception") after it finished. A single process just returns."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def configure_cpu_distributed(args) -> None:

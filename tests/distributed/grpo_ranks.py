@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from brep_rl import grpo
 from brep_rl.grpo import main
+from brep_rl.training import exit_rank
 
 if __name__ == "__main__":
     if os.environ.get("RARE_HIT_ACCURACY"):
@@ -26,3 +27,4 @@ if __name__ == "__main__":
     if trainer.curriculum is not None:
         print(f"rank {rank} curriculum level {trainer.curriculum.level} window {trainer.curriculum.state()['window']}")
     print(f"rank {rank} world {trainer.args.world_size} steps {trainer.state.global_step} engine {type(trainer.model_wrapped).__name__}")
+    exit_rank(0)

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -143,3 +144,31 @@ def test_a_dead_rank_ends_the_job_quickly(tiny_model_dir, tmp_path, engine, laun
     assert proc.returncode != 0
     killed_at = float((tmp_path / engine / "killed_at").read_text())
     assert ended - killed_at < 60, (ended - killed_at, proc.stderr[-2000:])  # the survivor did not wait on
+
+
+RANK_ENDING = """
+import atexit, sys
+from brep_rl.training import exit_rank
+
+class Teardown:
+    def __del__(self):
+        print("teardown ran", flush=True)
+
+kept = Teardown()
+atexit.register(lambda: print("exit handler ran"))
+print("work done")  # buffered when piped: exit_rank must flush it
+exit_rank(3)
+print("after exit_rank")
+"""
+
+
+@pytest.mark.parametrize("world", ["2", "1"])
+def test_a_finished_rank_runs_exit_handlers_but_skips_the_teardown(world):
+    # the interpreter's teardown is where a finished rank aborted now and then (gloo threads, SIGABRT)
+    env = dict(os.environ, WORLD_SIZE=world, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", RANK_ENDING], env=env, capture_output=True, text=True, timeout=120)
+    lines = proc.stdout.splitlines()
+    if world == "2":
+        assert (proc.returncode, lines) == (3, ["work done", "exit handler ran"]), (proc.stdout, proc.stderr)
+    else:  # a single process carries on and ends as Python always does
+        assert (proc.returncode, lines) == (0, ["work done", "after exit_rank", "exit handler ran", "teardown ran"])
