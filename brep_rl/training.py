@@ -115,10 +115,14 @@ def check_machine(args) -> None:
         raise ConfigError("--fp16: fp16 training needs a GPU; on a CPU train in fp32 (the default) or bf16")
 
 
+def several_processes() -> bool:
+    """Whether this process is one rank of a multi-process launch (torchrun, accelerate launch)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def destroy_process_group() -> None:
-    """Stop gloo's worker threads while the interpreter is still alive. Left to the C++ destructors at exit, a rank
-    now and then aborts after finishing its work (SIGABRT, "terminate called without an active exception"): the
-    threads still hold tensors whose release needs the GIL of an interpreter being torn down (pytorch PR 179291)."""
+    """An exit handler: release the process group while the interpreter is still alive (pytorch PR 179291). DDP still
+    holds the group after it, so a rank that must not reach the interpreter's teardown also calls exit_rank."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -128,7 +132,7 @@ def exit_rank(code: int) -> None:
     them), the interpreter's teardown does not. DDP keeps the process group alive past destroy_process_group, and in
     the teardown a C++ worker thread that reaches for the GIL is ended with pthread_exit, which aborts the rank now and
     then (SIGABRT, "terminate called without an active exception") after it finished. A single process just returns."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not several_processes():
         return
     atexit._run_exitfuncs()
     sys.stdout.flush()
@@ -147,13 +151,13 @@ def configure_cpu_distributed(args) -> None:
     """
     if torch.cuda.is_available():
         return
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if several_processes():
         atexit.unregister(destroy_process_group)  # once, however often the arguments are parsed
         atexit.register(destroy_process_group)
     if not getattr(args, "deepspeed", None):
         args.use_cpu = True
         return
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if several_processes():
         from accelerate import PartialState
 
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
