@@ -150,6 +150,20 @@ def weights_only_loading(checkpoint: str) -> Iterator[None]:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
+def read_step_log(path: str | Path, up_to_step: int | None = None) -> list[dict]:
+    """The rows of a StepLog file (none if it is missing), those of steps <= up_to_step when given."""
+    rows = []
+    if Path(path).is_file():
+        for line in Path(path).read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if up_to_step is None or row.get("step", 0) <= up_to_step:
+                rows.append(row)
+    return rows
+
+
 class StepLog:
     """A JSONL file with one row per training step (per-layer norms, validation accuracy): each step once, also
     across a resume, which redoes the steps after its checkpoint."""
@@ -160,15 +174,7 @@ class StepLog:
 
     def start(self, global_step: int) -> None:
         """At the start of training (global_step > 0 after a resume): drop the rows past it."""
-        kept = []
-        if self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue  # a line cut short by a kill
-                if row.get("step", 0) <= global_step:
-                    kept.append(row)
+        kept = read_step_log(self.path, global_step)
         self.rows = {row["step"]: row for row in kept}
         if self.path.exists():
             write_jsonl(self.path, kept)

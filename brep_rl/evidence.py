@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from brep_rl.arguments import EvalSettings
+from brep_rl.checkpoints import read_step_log
 from brep_rl.errors import UserError
 from brep_rl.evaluate import BASE, evaluate
 from brep_rl.files import write_json
@@ -32,6 +33,7 @@ from brep_rl.model import load_base
 from brep_rl.plots import plot_matrix, plot_run
 from brep_rl.rollout import TransformersBackend
 from brep_rl.steering import CONFIG_NAME, WEIGHTS_NAME
+from brep_rl.validation import VALIDATION
 
 # each stage is the user's own command, run from the installed package (no checkout needed)
 TRAINERS = {name: ["-m", "brep_rl.cli", name] for name in ("sft", "grpo", "lora")}
@@ -140,17 +142,29 @@ def train(plan: Plan, variant: Variant, init_from: Path | None) -> float:
         command += [f"--{key}", str(value)]
     if init_from is not None:
         command += ["--init_from", str(init_from)]
+    before = 0.0
     if run.is_dir():  # an interrupted stage: continue from its last checkpoint (or start over if it has none)
         command += ["--resume_from_checkpoint", "last"]
+        before = seconds_before_resume(run)
     print(f"\n== {variant.name}: {' '.join(command[1:])}", flush=True)
     start = time.perf_counter()
     result = subprocess.run(command)
     if result.returncode != 0:
         raise RuntimeError(f"variant {variant.name!r}: training exited with code {result.returncode} (command above); "
                            "re-running the matrix resumes it")
-    seconds = time.perf_counter() - start
-    write_json(timing, {"seconds": seconds, "command": command})
+    seconds = before + time.perf_counter() - start
+    write_json(timing, {"seconds": seconds, "seconds_before_resume": before, "command": command})
     return seconds
+
+
+def seconds_before_resume(run: Path) -> float:
+    """The wall-clock an interrupted stage had spent up to the checkpoint it resumes from, as its validation log
+    recorded it (0 without one), so that a stage run in several sittings reports the time of one uninterrupted run."""
+    last = checkpoints(run)[-1]
+    if not last.name.startswith("checkpoint-"):
+        return 0.0
+    rows = read_step_log(run / VALIDATION, up_to_step=int(last.name.rsplit("-", 1)[1]))
+    return max((row["seconds"] for row in rows), default=0.0)
 
 
 def candidate_dirs(plan: Plan, variant: Variant) -> dict[str, Path]:

@@ -9,6 +9,8 @@ import yaml
 
 from brep_rl import evidence
 from brep_rl.evidence import PlanError, load_plan, pick, run_plan
+from brep_rl.steering import CONFIG_NAME
+from brep_rl.validation import VALIDATION
 from testing_utils import ROOT
 
 CHAIN_SUM = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
@@ -81,6 +83,26 @@ def test_a_failed_stage_names_the_variant(tmp_path, tiny_model_dir, monkeypatch)
     monkeypatch.setattr(evidence, "Evaluator", lambda plan: None)
     with pytest.raises(RuntimeError, match="variant 'sft': training exited with code 1"):
         run_plan(load_plan(path))
+
+
+def test_a_stage_resumed_in_several_sittings_reports_the_time_of_one_run(tmp_path, tiny_model_dir, monkeypatch):
+    """The equal-wall-clock comparison reads stage.json: a resumed stage counts the time up to its checkpoint (from
+    its validation log) plus the resumed process's, not the last sitting alone, nor time spent on steps redone."""
+    path = write_plan(tmp_path, tiny_model_dir, {"sft": {"trainer": "sft", "config": "sft.yaml"}})
+    plan = load_plan(path)
+    run = plan.output_dir / "sft"
+    for step in (2, 4):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        (run / f"checkpoint-{step}" / CONFIG_NAME).write_text("{}")
+    rows = [{"step": 0, "seconds": 5.0}, {"step": 2, "seconds": 300.0}, {"step": 4, "seconds": 700.0},
+            {"step": 6, "seconds": 1100.0}]  # step 6 was validated, then killed before its checkpoint
+    (run / VALIDATION).write_text("".join(json.dumps(row) + "\n" for row in rows) + '{"step": 7, "seco')
+    commands = []
+    monkeypatch.setattr(evidence.subprocess, "run", lambda command: commands.append(command) or subprocess.CompletedProcess(command, 0))
+    seconds = evidence.train(plan, plan.variants[0], None)
+    assert commands[0][-2:] == ["--resume_from_checkpoint", "last"]
+    assert 700.0 <= seconds < 760.0
+    assert json.loads((run / "stage.json").read_text())["seconds_before_resume"] == 700.0
 
 
 @pytest.mark.parametrize("variants, message", [
