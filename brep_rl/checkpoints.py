@@ -53,6 +53,11 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     return None
 
 
+def checkpoint_step(checkpoint: str | Path) -> int:
+    """The optimizer step a checkpoint was saved at (its trainer_state.json)."""
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
+
+
 def last_checkpoint(run: str | Path) -> Path | None:
     """The newest checkpoint that reads back; incomplete or corrupt ones are skipped with a warning naming them."""
     for checkpoint in reversed(checkpoints(run)):

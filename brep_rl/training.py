@@ -15,14 +15,15 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import DeepSpeedSchedulerWrapper
-from transformers import TrainerCallback
-from transformers.trainer import SCHEDULER_NAME, rotate_checkpoints
+from transformers import TrainerCallback, TrainerState
+from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME, rotate_checkpoints
 
 from brep_rl.arguments import ModelArguments, SteeringArguments, default_threads
 from brep_rl.checkpoints import (
     NORMS,
     STAGING,
     StepLog,
+    checkpoint_step,
     last_checkpoint,
     prepare_output_dir,
     publish_checkpoint,
@@ -206,6 +207,15 @@ def train_and_save(trainer) -> Path:
             resume = str(resume)
     if resume is None:
         trainer.train()
+    elif 0 < trainer.args.max_steps <= checkpoint_step(resume):
+        # the run had finished (a re-run after a kill between its last checkpoint and what follows): the Trainer
+        # would train one step past max_steps, so take the checkpoint as it is
+        print(f"{resume} is at max_steps ({trainer.args.max_steps}): nothing left to train", flush=True)
+        with weights_only_loading(resume):
+            trainer._load_from_checkpoint(resume)
+        output = Path(trainer.args.output_dir)  # its state there, when saved, has the whole log history
+        state = output if (output / TRAINER_STATE_NAME).is_file() and checkpoint_step(output) == checkpoint_step(resume) else Path(resume)
+        trainer.state = TrainerState.load_from_json(str(state / TRAINER_STATE_NAME))
     else:
         with weights_only_loading(resume):
             trainer.train(resume_from_checkpoint=resume)

@@ -86,6 +86,16 @@ def test_sft_resume_continues_from_the_saved_step(tiny_model_dir, tmp_path):
     assert torch.allclose(resumed.steer.prefix, whole.steer.prefix, atol=1e-6)
 
 
+def test_resuming_a_finished_run_trains_no_further_step(tiny_model_dir, tmp_path):
+    """`--resume_from_checkpoint last` on a run that reached max_steps (e.g. a matrix re-run after a kill between the
+    last checkpoint and its bookkeeping) keeps its vectors: the Trainer alone would run one step past max_steps."""
+    whole = sft_main(sft_args(tiny_model_dir, tmp_path / "run"))
+    again = sft_main(sft_args(tiny_model_dir, tmp_path / "run", "--resume_from_checkpoint", "last"))
+    assert again.state.global_step == 4 and not (tmp_path / "run" / "checkpoint-5").exists()
+    assert torch.equal(again.steer.bias, whole.steer.bias)
+    assert len(again.state.log_history) == len(whole.state.log_history)  # the run's history, saved beside the artifact
+
+
 def test_sft_bad_input_fails_before_training(tiny_model_dir, tmp_path, capsys):
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"question": f"q{i}", "answer": str(i)}) + "\n" for i in range(10)))
