@@ -55,7 +55,7 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
 
 def checkpoint_step(checkpoint: str | Path) -> int:
     """The optimizer step a checkpoint was saved at (its trainer_state.json)."""
-    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
+    return json.loads((Path(checkpoint) / TRAINER_STATE).read_text())["global_step"]
 
 
 def last_checkpoint(run: str | Path) -> Path | None:

@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 from accelerate.utils import DeepSpeedSchedulerWrapper
 from transformers import TrainerCallback, TrainerState
-from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME, rotate_checkpoints
+from transformers.trainer import SCHEDULER_NAME, rotate_checkpoints
 
 from brep_rl.arguments import ModelArguments, SteeringArguments, default_threads
 from brep_rl.checkpoints import (
     NORMS,
     STAGING,
+    TRAINER_STATE,
     StepLog,
     checkpoint_step,
     last_checkpoint,
@@ -199,10 +200,11 @@ def train_and_save(trainer) -> Path:
     """Train (resuming from args.resume_from_checkpoint: a checkpoint, or "last" for the newest in output_dir),
     then save the artifact to output_dir."""
     resume = trainer.args.resume_from_checkpoint
+    output = Path(trainer.args.output_dir)
     if resume == "last":
-        resume = last_checkpoint(trainer.args.output_dir)
+        resume = last_checkpoint(output)
         if resume is None:
-            logger.warning("resume_from_checkpoint=last: no checkpoint in %s, starting fresh", trainer.args.output_dir)
+            logger.warning("resume_from_checkpoint=last: no checkpoint in %s, starting fresh", output)
         else:
             resume = str(resume)
     if resume is None:
@@ -213,16 +215,15 @@ def train_and_save(trainer) -> Path:
         print(f"{resume} is at max_steps ({trainer.args.max_steps}): nothing left to train", flush=True)
         with weights_only_loading(resume):
             trainer._load_from_checkpoint(resume)
-        output = Path(trainer.args.output_dir)  # its state there, when saved, has the whole log history
-        state = output if (output / TRAINER_STATE_NAME).is_file() and checkpoint_step(output) == checkpoint_step(resume) else Path(resume)
-        trainer.state = TrainerState.load_from_json(str(state / TRAINER_STATE_NAME))
+        # the run's state beside its artifact, when saved at that step, has the whole log history
+        saved = (output / TRAINER_STATE).is_file() and checkpoint_step(output) == checkpoint_step(resume)
+        trainer.state = TrainerState.load_from_json(str((output if saved else Path(resume)) / TRAINER_STATE))
     else:
         with weights_only_loading(resume):
             trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
-    output = Path(trainer.args.output_dir)
     if trainer.is_world_process_zero():  # the whole log history beside the artifact, for scripts/plot_run.py
-        trainer.state.save_to_json(str(output / "trainer_state.json"))
+        trainer.state.save_to_json(str(output / TRAINER_STATE))
     return output
 
 
