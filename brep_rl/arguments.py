@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 from transformers import TrainingArguments
 from trl import GRPOConfig
 
@@ -448,6 +449,8 @@ class EvalArguments(EvalSettings):
                 "variant per subset (ablation in one run): --layers all --layers 1-15 --layers 16-29", "action": "extend"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads (default: all cores)"})
     dtype: Dtype = "float32"
+    device: str = field(default="auto", metadata={
+        "help": "where the transformers model runs: auto (the GPU when there is one), cpu, cuda, cuda:1, ..."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -455,6 +458,11 @@ class EvalArguments(EvalSettings):
         for spec in self.layers:
             parse_layers(spec, num_layers=1_000_000)  # the syntax now; open ranges once the artifact is known
         _positive("threads", self.threads, allow_none=True)
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ConfigError(f"--device: expected auto or a torch device such as cpu, cuda, cuda:1; got {self.device!r}") from None
 
     def scales(self) -> list[float]:
         try:

@@ -88,7 +88,8 @@ def _eval(args: EvalArguments) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_base(args.model, dtype=args.dtype)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model, tokenizer = load_base(args.model, dtype=args.dtype, device=device)
     summary = evaluate(model, tokenizer, args.settings(), args.steering, args.scales(), args.output,
                        layer_specs=args.layers, loras=args.lora)
     print()

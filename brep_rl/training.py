@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from accelerate.utils import DeepSpeedSchedulerWrapper
 from transformers import TrainerCallback, TrainerState
 from transformers.trainer import SCHEDULER_NAME, rotate_checkpoints
 
@@ -282,6 +281,8 @@ class SteeringTrainerMixin:
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if self.is_deepspeed_enabled:  # the engine's checkpoint would otherwise hold the whole frozen base
+            from accelerate.utils import DeepSpeedSchedulerWrapper  # exists only where deepspeed is installed
+
             self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
             if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
                 torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_NAME)  # not in the engine's

@@ -56,6 +56,7 @@ def test_a_bad_choice_fails_while_parsing_in_one_line(argv, names, tmp_path):
     (["grpo", "--demonstrations", "true"], "--demonstrations guide groups dynamic sampling finds unsolved"),
     (["grpo", "--dynamic_sampling", "true", "--demonstrations", "true", "--hint_share", "0.5"], "choose one"),
     (["eval", "--layers", "5-2"], "--layers: "),
+    (["eval", "--device", "gpu"], "--device: expected auto or a torch device"),
     (["grpo", "--no_such_flag", "1"], "no_such_flag"),
     (["grpo", "--config", "missing.yaml"], "missing.yaml"),
 ])
