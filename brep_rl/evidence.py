@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from brep_rl.arguments import EvalSettings
-from brep_rl.checkpoints import read_step_log
+from brep_rl.checkpoints import checkpoint_step, checkpoints, last_checkpoint, read_step_log
 from brep_rl.errors import UserError
 from brep_rl.evaluate import BASE, evaluate
 from brep_rl.files import write_json
@@ -125,9 +125,9 @@ def finished(run: Path) -> bool:
     return (run / CONFIG_NAME).is_file() or (run / "adapter_config.json").is_file()
 
 
-def checkpoints(run: Path) -> list[Path]:
-    found = [p for p in run.glob("checkpoint-*") if p.is_dir() and finished(p)]
-    return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1])) or [run]
+def saved_artifacts(run: Path) -> list[Path]:
+    """The run's checkpoints that hold an artifact, oldest first; the run itself when it saved none."""
+    return [p for p in checkpoints(run) if finished(p)] or [run]
 
 
 def train(plan: Plan, variant: Variant, init_from: Path | None) -> float:
@@ -160,10 +160,10 @@ def train(plan: Plan, variant: Variant, init_from: Path | None) -> float:
 def seconds_before_resume(run: Path) -> float:
     """The wall-clock an interrupted stage had spent up to the checkpoint it resumes from, as its validation log
     recorded it (0 without one), so that a stage run in several sittings reports the time of one uninterrupted run."""
-    last = checkpoints(run)[-1]
-    if not last.name.startswith("checkpoint-"):
+    last = last_checkpoint(run)  # the one `--resume_from_checkpoint last` takes
+    if last is None:
         return 0.0
-    rows = read_step_log(run / VALIDATION, up_to_step=int(last.name.rsplit("-", 1)[1]))
+    rows = read_step_log(run / VALIDATION, up_to_step=checkpoint_step(last))
     return max((row["seconds"] for row in rows), default=0.0)
 
 
@@ -171,7 +171,7 @@ def candidate_dirs(plan: Plan, variant: Variant) -> dict[str, Path]:
     """label -> artifact folder, one per checkpoint; steering ones are copied under candidates/ so that every
     label in the shared eval records is unique ("grpo-step8")."""
     found = {}
-    for checkpoint in checkpoints(plan.output_dir / variant.name):
+    for checkpoint in saved_artifacts(plan.output_dir / variant.name):
         step = checkpoint.name.rsplit("-", 1)[1] if checkpoint.name.startswith("checkpoint-") else "final"
         label = f"{variant.name}-step{step}"
         if variant.steering:

@@ -7,9 +7,9 @@ import subprocess
 import pytest
 import yaml
 
-from brep_rl import evidence
+from brep_rl import SteeringVectors, evidence
+from brep_rl.checkpoints import TRAINER_STATE
 from brep_rl.evidence import PlanError, load_plan, pick, run_plan
-from brep_rl.steering import CONFIG_NAME
 from brep_rl.validation import VALIDATION
 from testing_utils import ROOT
 
@@ -85,15 +85,20 @@ def test_a_failed_stage_names_the_variant(tmp_path, tiny_model_dir, monkeypatch)
         run_plan(load_plan(path))
 
 
-def test_a_stage_resumed_in_several_sittings_reports_the_time_of_one_run(tmp_path, tiny_model_dir, monkeypatch):
-    """The equal-wall-clock comparison reads stage.json: a resumed stage counts the time up to its checkpoint (from
-    its validation log) plus the resumed process's, not the last sitting alone, nor time spent on steps redone."""
+@pytest.mark.parametrize("torn, before", [(None, 700.0), (4, 300.0)])
+def test_a_stage_resumed_in_several_sittings_reports_the_time_of_one_run(torn, before, tmp_path, tiny_model_dir,
+                                                                         tiny_llama, monkeypatch):
+    """The equal-wall-clock comparison reads stage.json: a resumed stage counts the time up to the checkpoint it
+    resumes from (from its validation log) plus the resumed process's, not the last sitting alone, nor time spent on
+    steps redone. A torn checkpoint is not resumed from (`last_checkpoint` skips it), so it counts no time either."""
     path = write_plan(tmp_path, tiny_model_dir, {"sft": {"trainer": "sft", "config": "sft.yaml"}})
     plan = load_plan(path)
     run = plan.output_dir / "sft"
+    steer = SteeringVectors.attach(tiny_llama)
     for step in (2, 4):
-        (run / f"checkpoint-{step}").mkdir(parents=True)
-        (run / f"checkpoint-{step}" / CONFIG_NAME).write_text("{}")
+        steer.save_pretrained(run / f"checkpoint-{step}")
+        state = json.dumps({"global_step": step})
+        (run / f"checkpoint-{step}" / TRAINER_STATE).write_text(state[:9] if step == torn else state)
     rows = [{"step": 0, "seconds": 5.0}, {"step": 2, "seconds": 300.0}, {"step": 4, "seconds": 700.0},
             {"step": 6, "seconds": 1100.0}]  # step 6 was validated, then killed before its checkpoint
     (run / VALIDATION).write_text("".join(json.dumps(row) + "\n" for row in rows) + '{"step": 7, "seco')
@@ -101,8 +106,8 @@ def test_a_stage_resumed_in_several_sittings_reports_the_time_of_one_run(tmp_pat
     monkeypatch.setattr(evidence.subprocess, "run", lambda command: commands.append(command) or subprocess.CompletedProcess(command, 0))
     seconds = evidence.train(plan, plan.variants[0], None)
     assert commands[0][-2:] == ["--resume_from_checkpoint", "last"]
-    assert 700.0 <= seconds < 760.0
-    assert json.loads((run / "stage.json").read_text())["seconds_before_resume"] == 700.0
+    assert before <= seconds < before + 60.0
+    assert json.loads((run / "stage.json").read_text())["seconds_before_resume"] == before
 
 
 @pytest.mark.parametrize("variants, message", [
