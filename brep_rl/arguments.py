@@ -462,7 +462,8 @@ class EvalArguments(EvalSettings):
             try:
                 torch.device(self.device)
             except RuntimeError:
-                raise ConfigError(f"--device: expected auto or a torch device such as cpu, cuda, cuda:1; got {self.device!r}") from None
+                raise ConfigError(f"--device: expected auto or a torch device such as cpu, cuda, cuda:1; "
+                                  f"got {self.device!r}") from None
 
     def scales(self) -> list[float]:
         try:
