@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from brep_rl import SteeringVectors, load_base
 from brep_rl.cli import main as brep_rl
+from brep_rl.steering import WEIGHTS_NAME
 
 STEPS = 4
 GSM8K = ["--task", "gsm8k", "--limit", "24", "--mode", "bias+prefix", "--radius", "0.05",
@@ -67,7 +68,7 @@ def check_dtype(model: str, out: Path, dtype: str, device: str) -> None:
     sft = out / f"sft-{dtype}"
     verb(device, "sft", *common, *GSM8K, *VALIDATION, "--heldout", "4", "--max_length", "160", "--truncate_tokens", "16",
          "--output_dir", str(sft))
-    check((sft / "best" / "steering.safetensors").is_file(), f"SFT kept its best validated vectors ({sft}/best)")
+    check((sft / "best" / WEIGHTS_NAME).is_file(), f"SFT kept its best validated vectors ({sft}/best)")
 
     grpo = [*common, *GSM8K, "--init_from", str(sft), "--rollout_backend", "transformers", "--num_generations", "4",
             "--max_completion_length", "12", "--temperature", "1.0",
@@ -77,8 +78,9 @@ def check_dtype(model: str, out: Path, dtype: str, device: str) -> None:
     shutil.copytree(whole, resumed)
     shutil.rmtree(resumed / f"checkpoint-{STEPS}")
     verb(device, "grpo", *grpo, "--output_dir", str(resumed), "--resume_from_checkpoint", "last")
-    difference = relative_difference(load_file(resumed / "steering.safetensors"), load_file(whole / "steering.safetensors"))
-    moved = load_file(whole / "steering.safetensors")["bias"].abs().sum() > 0
+    uninterrupted = load_file(whole / WEIGHTS_NAME)
+    difference = relative_difference(load_file(resumed / WEIGHTS_NAME), uninterrupted)
+    moved = uninterrupted["bias"].abs().sum() > 0
     check(moved and difference <= 1e-2, f"GRPO resumed from step 2 ends where the whole run ends (max relative "
           f"difference per vector {difference:.1e})")
 
