@@ -205,26 +205,43 @@ def rg_solution(meta: dict[str, Any], answer: str) -> str | None:
 _SUM = re.compile(r"-?\d+(?: [+-] \d+)+")
 
 
-def scratchpad_solution(expression: str) -> str | None:
+def scratchpad_solution(expression: str, stepwise: bool = False) -> str | None:
     """A sum like "1 - 5 + 12" worked left to right, one line per operation, every line an addition or subtraction
     of non-negative numbers with the sign taken outside ("1 - 5 = -(5 - 1) = -4"), where small models err most;
-    None for anything but integers joined by + and -."""
+    stepwise, each such operation also takes the second number's ones apart from the rest of it
+    ("43 - 15 = 43 - 10 - 5 = 33 - 5 = 28"). None for anything but integers joined by + and -."""
     if not _SUM.fullmatch(expression.strip()):
         return None
     first, *rest = expression.split()
     total, lines = int(first), []
     for op, term in zip(rest[::2], map(int, rest[1::2]), strict=True):
         result = total + term if op == "+" else total - term
-        line = f"{total} {op} {term} = "
-        if total < 0 and op == "+":
-            line += f"{term} - {-total} = " if result >= 0 else f"-({-total} - {term}) = "
-        elif total < 0:
-            line += f"-({-total} + {term}) = "
-        elif op == "-" and term > total:
-            line += f"-({term} - {total}) = "
-        lines.append(f"{line}{result}")
+        a, inner_op, b = _unsigned_operation(total, op, term)
+        negate = result < 0
+        head = f"{total} {op} {term}"
+        forms = [f"-({form})" if negate else form for form in _operation_steps(a, inner_op, b, stepwise)]
+        lines.append(" = ".join([head, *(form for form in forms if form != head), str(result)]))
         total = result
     return "\n".join([*lines, f"#### {total}"])
+
+
+def _unsigned_operation(total: int, op: str, term: int) -> tuple[int, str, int]:
+    """`total op term` as an operation on non-negative numbers whose result is the magnitude of the original's
+    (the larger number first in a subtraction): 1 - 5 -> 5 - 1, -4 + 9 -> 9 - 4, -4 - 2 -> 4 + 2."""
+    if total >= 0:
+        return (total, op, term) if op == "+" or term <= total else (term, "-", total)
+    if op == "-":
+        return -total, "+", term
+    return (term, "-", -total) if term >= -total else (-total, "-", term)
+
+
+def _operation_steps(a: int, op: str, b: int, stepwise: bool) -> list[str]:
+    """"a op b", and stepwise, where b has ones and more, the two taken one at a time: 43 - 10 - 5, then 33 - 5."""
+    forms = [f"{a} {op} {b}"]
+    tens, ones = b - b % 10, b % 10
+    if stepwise and tens and ones:
+        forms += [f"{a} {op} {tens} {op} {ones}", f"{a + tens if op == '+' else a - tens} {op} {ones}"]
+    return forms
 
 
 CHAIN_SUM_KINDS = ("additions", "subtraction", "negative result")

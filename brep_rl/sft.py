@@ -153,16 +153,17 @@ def self_solutions(problems: list[Problem], model, tokenizer, steer, model_name:
     return kept
 
 
-def with_scratchpads(problems: list[Problem], task: str) -> list[Problem]:
+def with_scratchpads(problems: list[Problem], task: str, stepwise: bool = False) -> list[Problem]:
     """Each problem's solution replaced by a scratchpad of its sum (problems that are not sums are dropped)."""
     worked = [dataclasses.replace(p, solution=pad) for p in problems
-              if (pad := scratchpad_solution(str(p.meta.get("expression", "")))) is not None]
+              if (pad := scratchpad_solution(str(p.meta.get("expression", "")), stepwise)) is not None]
+    option = f"--solutions {'stepwise' if stepwise else 'scratchpad'}"
     if not worked:
-        raise DataError(f"--solutions scratchpad: no problem of task {task!r} is a sum of integers (+ and - only) "
+        raise DataError(f"{option}: no problem of task {task!r} is a sum of integers (+ and - only) "
                         "in its metadata's expression (e.g. rg:chain_sum)")
     if len(worked) < len(problems):
-        logger.warning("--solutions scratchpad: %d of %d problems are not sums and are left out",
-                       len(problems) - len(worked), len(problems))
+        logger.warning("%s: %d of %d problems are not sums and are left out",
+                       option, len(problems) - len(worked), len(problems))
     return worked
 
 
@@ -170,8 +171,8 @@ def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args
     """Train, save the artifact to output_dir, report held-out loss before/after and (main process) a short eval."""
     claim_output_dir(train_args)
     problems = data_args.load_problems(train_args.seed, data_args.solution_field)
-    if data_args.solutions == "scratchpad":
-        problems = with_scratchpads(problems, data_args.task)
+    if data_args.solutions in ("scratchpad", "stepwise"):
+        problems = with_scratchpads(problems, data_args.task, stepwise=data_args.solutions == "stepwise")
     if data_args.heldout >= len(problems):
         raise DataError(f"heldout={data_args.heldout} leaves no training problems out of {len(problems)}")
     train_problems, heldout_problems = problems[: len(problems) - data_args.heldout], problems[len(problems) - data_args.heldout :]

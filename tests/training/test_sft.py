@@ -138,12 +138,27 @@ def test_a_scratchpad_works_a_sum_one_operation_a_line(expression, lines):
     assert scratchpad_solution(expression) == ("\n".join(lines) if lines else None)
 
 
-def test_sft_on_scratchpads_trains_on_the_worked_sums(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("expression, lines", [
+    ("43 - 15", ["43 - 15 = 43 - 10 - 5 = 33 - 5 = 28", "#### 28"]),
+    ("15 - 43", ["15 - 43 = -(43 - 15) = -(43 - 10 - 5) = -(33 - 5) = -28", "#### -28"]),
+    ("27 + 48", ["27 + 48 = 27 + 40 + 8 = 67 + 8 = 75", "#### 75"]),
+    ("-27 + 48", ["-27 + 48 = 48 - 27 = 48 - 20 - 7 = 28 - 7 = 21", "#### 21"]),
+    ("-27 - 48", ["-27 - 48 = -(27 + 48) = -(27 + 40 + 8) = -(67 + 8) = -75", "#### -75"]),
+    ("5 + 40 - 9", ["5 + 40 = 45", "45 - 9 = 36", "#### 36"]),  # nothing to split off: as without stepwise
+])
+def test_a_stepwise_scratchpad_takes_the_ones_apart(expression, lines):
+    assert scratchpad_solution(expression, stepwise=True) == "\n".join(lines)
+
+
+@pytest.mark.parametrize("solutions", ["scratchpad", "stepwise"])
+def test_sft_on_scratchpads_trains_on_the_worked_sums(tiny_model_dir, tmp_path, solutions):
     three_terms = '{"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 2}'
     trainer = sft_main(sft_args(tiny_model_dir, tmp_path / "pad", "--task", "rg:chain_sum", "--rg_config", three_terms,
-                                "--solutions", "scratchpad", "--truncate_prob", "0", "--max_steps", "1"))
+                                "--solutions", solutions, "--truncate_prob", "0", "--max_steps", "1", "--max_length", "256"))
     targets = [trainer.processing_class.decode([t for t in row["labels"] if t != -100], skip_special_tokens=True)
                for row in trainer.train_dataset]  # two lines of one operation each, then the answer
     assert targets and all(re.fullmatch(r"(-?\d+ [+-] \d+ = [^\n]+\n){2}#### -?\d+", t) for t in targets), targets[:3]
-    with pytest.raises(ValueError, match="--solutions scratchpad: no problem of task 'gsm8k' is a sum"):
-        sft_main(sft_args(tiny_model_dir, tmp_path / "gsm", "--solutions", "scratchpad"))
+    split_off = [t for t in targets if re.search(r"\d+ [+-] \d*[1-9]0 [+-] [1-9]\b", t)]  # "43 - 10 - 5"
+    assert bool(split_off) == (solutions == "stepwise"), targets[:3]
+    with pytest.raises(ValueError, match=f"--solutions {solutions}: no problem of task 'gsm8k' is a sum"):
+        sft_main(sft_args(tiny_model_dir, tmp_path / "gsm", "--solutions", solutions))
