@@ -152,7 +152,7 @@ class SFTDataArguments(TaskArguments):
         "help": "the targets: the task's worked solutions, the model's own correct samples (rejection sampling, "
                 "as in STaR / RFT: self_samples per problem from the vectors training starts from), or for sums "
                 "(chain_sum) a scratchpad worked one operation a line, signs taken outside; stepwise: the same "
-                "with each operation's second number split into its ones and the rest (43 - 15 = 43 - 10 - 5 = ...)"})
+                "with each operation's second number taken one place value at a time (43 - 15 = 43 - 10 - 5 = ...)"})
     self_samples: int = field(default=8, metadata={"help": "solutions self: samples per problem"})
     self_temperature: float = 0.7
     self_max_new_tokens: int = 64

@@ -145,8 +145,9 @@ def test_a_scratchpad_works_a_sum_one_operation_a_line(expression, lines):
     ("-27 + 48", ["-27 + 48 = 48 - 27 = 48 - 20 - 7 = 28 - 7 = 21", "#### 21"]),
     ("-27 - 48", ["-27 - 48 = -(27 + 48) = -(27 + 40 + 8) = -(67 + 8) = -75", "#### -75"]),
     ("5 + 40 - 9", ["5 + 40 = 45", "45 - 9 = 36", "#### 36"]),  # nothing to split off: as without stepwise
+    ("967 - 882", ["967 - 882 = 967 - 800 - 80 - 2 = 167 - 80 - 2 = 87 - 2 = 85", "#### 85"]),  # place by place
 ])
-def test_a_stepwise_scratchpad_takes_the_ones_apart(expression, lines):
+def test_a_stepwise_scratchpad_takes_the_place_values_one_at_a_time(expression, lines):
     assert scratchpad_solution(expression, stepwise=True) == "\n".join(lines)
 
 
