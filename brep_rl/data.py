@@ -209,7 +209,7 @@ def scratchpad_solution(expression: str, stepwise: bool = False) -> str | None:
     """A sum like "1 - 5 + 12" worked left to right, one line per operation, every line an addition or subtraction
     of non-negative numbers with the sign taken outside ("1 - 5 = -(5 - 1) = -4"), where small models err most;
     stepwise, each such operation also takes the second number's place values one at a time
-    ("43 - 15 = 43 - 10 - 5 = 33 - 5 = 28", "967 + 921 = 967 + 900 + 20 + 1 = 1867 + 20 + 1 = 1887 + 1 = 1888"). None for anything but integers joined by + and -."""
+    ("43 - 15 = 43 - 10 - 5 = 33 - 5 = 28"). None for anything but integers joined by + and -."""
     if not _SUM.fullmatch(expression.strip()):
         return None
     first, *rest = expression.split()
@@ -236,13 +236,14 @@ def _unsigned_operation(total: int, op: str, term: int) -> tuple[int, str, int]:
 
 
 def _operation_steps(a: int, op: str, b: int, stepwise: bool) -> list[str]:
-    """"a op b", and stepwise, b's place values taken one at a time: 43 - 10 - 5, then 33 - 5."""
+    """"a op b", and stepwise, b's place values taken one at a time: 967 + 921 = 967 + 900 + 20 + 1 = 1867 + 20 + 1
+    = 1887 + 1 (the caller adds the result)."""
     forms = [f"{a} {op} {b}"]
     places = [int(digit) * 10**power for power, digit in enumerate(reversed(str(b))) if digit != "0"][::-1]
     if stepwise and len(places) > 1:
-        for done in range(len(places) - 1):
-            forms.append(f" {op} ".join(map(str, [a, *places[done:]])))
-            a = a + places[done] if op == "+" else a - places[done]
+        for i, place in enumerate(places[:-1]):
+            forms.append(f" {op} ".join(map(str, [a, *places[i:]])))
+            a = a + place if op == "+" else a - place
         forms.append(f"{a} {op} {places[-1]}")
     return forms
 
