@@ -153,11 +153,13 @@ def self_solutions(problems: list[Problem], model, tokenizer, steer, model_name:
     return kept
 
 
-def with_scratchpads(problems: list[Problem], task: str, stepwise: bool = False) -> list[Problem]:
-    """Each problem's solution replaced by a scratchpad of its sum (problems that are not sums are dropped)."""
+def with_scratchpads(problems: list[Problem], task: str, solutions: str) -> list[Problem]:
+    """Each problem's solution replaced by a scratchpad of its sum, stepwise or not as `solutions` says (problems
+    that are not sums are dropped)."""
+    stepwise = solutions == "stepwise"
     worked = [dataclasses.replace(p, solution=pad) for p in problems
               if (pad := scratchpad_solution(str(p.meta.get("expression", "")), stepwise)) is not None]
-    option = f"--solutions {'stepwise' if stepwise else 'scratchpad'}"
+    option = f"--solutions {solutions}"
     if not worked:
         raise DataError(f"{option}: no problem of task {task!r} is a sum of integers (+ and - only) "
                         "in its metadata's expression (e.g. rg:chain_sum)")
@@ -172,7 +174,7 @@ def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args
     claim_output_dir(train_args)
     problems = data_args.load_problems(train_args.seed, data_args.solution_field)
     if data_args.solutions in ("scratchpad", "stepwise"):
-        problems = with_scratchpads(problems, data_args.task, stepwise=data_args.solutions == "stepwise")
+        problems = with_scratchpads(problems, data_args.task, data_args.solutions)
     if data_args.heldout >= len(problems):
         raise DataError(f"heldout={data_args.heldout} leaves no training problems out of {len(problems)}")
     train_problems, heldout_problems = problems[: len(problems) - data_args.heldout], problems[len(problems) - data_args.heldout :]
