@@ -161,5 +161,6 @@ def test_sft_on_scratchpads_trains_on_the_worked_sums(tiny_model_dir, tmp_path, 
     assert targets and all(re.fullmatch(r"(-?\d+ [+-] \d+ = [^\n]+\n){2}#### -?\d+", t) for t in targets), targets[:3]
     split_off = [t for t in targets if re.search(r"\d+ [+-] \d*[1-9]0 [+-] [1-9]\b", t)]  # "43 - 10 - 5"
     assert bool(split_off) == (solutions == "stepwise"), targets[:3]
+    assert trainer.steer.config.provenance["rg_config"] == json.loads(three_terms)  # which sums the vectors learned
     with pytest.raises(ValueError, match=f"--solutions {solutions}: no problem of task 'gsm8k' is a sum"):
         sft_main(sft_args(tiny_model_dir, tmp_path / "gsm", "--solutions", solutions))
