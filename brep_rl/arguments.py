@@ -130,6 +130,10 @@ class TaskArguments:
         _positive("limit", self.limit, allow_none=True)
         _non_negative("offset", self.offset)
 
+    def provenance(self) -> dict:
+        """What a trained artifact records of the problems it learned from (SFT and GRPO alike)."""
+        return {"task": self.task, "split": self.split, "rg_config": self.rg_config}
+
     def load_problems(self, seed: int, solution_field: str | None = None) -> list[Problem]:
         return load_task(
             self.task, self.split, self.limit, self.offset, seed, self.question, self.answer_field, solution_field,

@@ -433,8 +433,8 @@ def run_grpo(model_args: ModelArguments, steer_args: SteeringArguments, data_arg
         return prompt_batch(tokenizer, problems[:8], data_args.instruction, data_args.system_prompt)
 
     model, tokenizer, steer = load_for_training(model_args, steer_args, calibration)
-    steer.config.provenance = {**steer.config.provenance, "stage": "grpo", "task": data_args.task, "split": data_args.split,
-                               "rg_config": data_args.rg_config, **({"mix": data_args.mix} if data_args.mix else {})}
+    steer.config.provenance = {**steer.config.provenance, "stage": "grpo", **data_args.provenance(),
+                               **({"mix": data_args.mix} if data_args.mix else {})}
     backend = make_backend(train_args.rollout_backend, model, tokenizer, model_args.model, [steer.config], torch.get_num_threads())
     curriculum = None
     if data_args.curriculum:

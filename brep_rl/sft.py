@@ -196,9 +196,9 @@ def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args
     logger.warning("SFT data: %s", stats.describe(data_args.max_length, data_args.truncate_tokens))
     if not train_rows:
         raise DataError(f"task {data_args.task!r}: no usable SFT examples ({stats.describe(data_args.max_length, data_args.truncate_tokens)})")
-    steer.config.provenance = {**steer.config.provenance, "stage": "sft", "task": data_args.task, "split": data_args.split,
-                               "rg_config": data_args.rg_config, "examples": stats.examples, "solutions": data_args.solutions,
-                               "truncate_prob": data_args.truncate_prob, "truncate_tokens": data_args.truncate_tokens}
+    steer.config.provenance = {**steer.config.provenance, "stage": "sft", **data_args.provenance(), "examples": stats.examples,
+                               "solutions": data_args.solutions, "truncate_prob": data_args.truncate_prob,
+                               "truncate_tokens": data_args.truncate_tokens}
 
     trainer = SteeringSFTTrainer(
         model=model, args=train_args, train_dataset=train_rows, eval_dataset=heldout_rows or None,
