@@ -6,7 +6,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export DS_ACCELERATOR := cpu
 
-.PHONY: setup lint test test-fast demo bench evidence evidence-stepwise evidence-issue8 gsm8k
+.PHONY: setup lint test test-fast demo bench evidence evidence-stepwise chain-sum-failures evidence-issue8 gsm8k
 
 setup:
 	@bash scripts/setup.sh
@@ -39,6 +39,14 @@ evidence: setup
 # vectors; not yet run end to end on 2 CPU cores (estimate in the config); re-running resumes.
 evidence-stepwise: setup
 	@$(PY) scripts/evidence.py --config configs/evidence/smollm2_chain_sum_stepwise.yaml
+
+# Issue #15: GRPO from the stepwise SFT -> GRPO pick on the train problems it still answers wrong: a greedy eval of it
+# on 1,200 train problems (~10 min on 2 CPU cores), then 10 GRPO steps on its failures (~35 min). Both resume.
+chain-sum-failures: setup
+	@.venv/bin/brep-rl eval --task rg:chain_sum --rg_config '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}' \
+		--split train --limit 1200 --max_new_tokens 64 --batch_size 64 \
+		--steering artifacts/smollm2-chain-sum-sft-stepwise-grpo --output runs/eval_train_stepwise_grpo
+	@.venv/bin/brep-rl grpo --config configs/grpo_smollm2_stepwise_failures.yaml --resume_from_checkpoint last
 
 # Issue #8's matrix: every variant at a small fixed budget (modes, restraint, LoRA). About 2 hours; resumes.
 evidence-issue8: setup

@@ -205,6 +205,10 @@ class GRPODataArguments(TaskArguments):
     mix: str | None = field(default=None, metadata={
         "help": "other tasks whose train-split problems join the training set, JSON (a mapping in YAML): task -> "
                 "{limit, rg_config}; each adds `limit` problems, so the limits weigh the mix"})
+    train_on_failures: str | None = field(default=None, metadata={
+        "help": "an eval run folder (brep-rl eval --output) on these training problems: train only on those its "
+                "steered model got wrong, to spend the rollouts where the starting vectors still fail"})
+    failures_of: str | None = field(default=None, metadata={"help": "the model of that run (default: its only steered one)"})
     eval_task: str | None = field(default=None, metadata={"help": "task of the final base vs steered eval (default: the training task)"})
     eval_split: str = "test"
     eval_limit: int = field(default=50, metadata={"help": "problems in the final eval (0: skip it)"})
@@ -228,6 +232,11 @@ class GRPODataArguments(TaskArguments):
                 raise ConfigError(f"--mix: task {task!r}: expected {{\"limit\": <positive int>, \"rg_config\": "
                                   f"<mapping, optional>}}, got {spec!r}")
             spec["rg_config"] = _json_flag(f"mix {task} rg_config", spec.get("rg_config"))
+        if self.train_on_failures and (self.mix or self.curriculum):
+            raise ConfigError("--train_on_failures selects among --task's problems: it does not combine with --mix or "
+                              "--curriculum")
+        if self.failures_of and not self.train_on_failures:
+            raise ConfigError("--failures_of names a model of the --train_on_failures run: set that too")
         if self.mix and self.curriculum:
             raise ConfigError("--mix with --curriculum: the curriculum draws every training prompt, so the mixed "
                               "tasks would never be trained on")

@@ -107,6 +107,42 @@ class RecordStore:
                 f.flush()
 
 
+def failed_problems(problems: list[Problem], run: Path, label: str | None, task: dict[str, Any]) -> list[Problem]:
+    """The `problems` that model `label` of the eval run in folder `run` got wrong in every sample there, in order.
+
+    `label` defaults to the run's only steered model. The run must have read the same task, split and reasoning-gym
+    config (`task`), else its problem ids name other problems; problems it did not evaluate are left out."""
+    run_file, samples = run / "run.json", run / "samples.jsonl"
+    if not run_file.is_file() or not samples.is_file():
+        raise ConfigError(f"{run}: not an eval run (expected run.json and samples.jsonl from `brep-rl eval --output`)")
+    settings = json.loads(run_file.read_text())
+    differs = {k: (settings.get(k), v) for k, v in task.items() if settings.get(k) != v}
+    if differs:
+        details = "; ".join(f"{k}: run {old!r}, training {new!r}" for k, (old, new) in differs.items())
+        raise ConfigError(f"{run} evaluated other problems than the training set ({details})")
+    steered = [name for name in settings.get("artifacts", {})]
+    if label is None:
+        if len(steered) != 1:
+            raise ConfigError(f"{run} holds {len(steered)} steered models ({', '.join(steered) or 'none'}): name one")
+        label = steered[0]
+    right: dict[str, bool] = {}
+    for number, line in enumerate(samples.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise ConfigError(f"{samples}:{number}: not a JSON record") from None
+        if record["model"] == label:
+            right[record["problem_id"]] = right.get(record["problem_id"], False) or record["correct"]
+    if not right:
+        raise ConfigError(f"{run} has no records of model {label!r} (models there: base, {', '.join(steered)})")
+    failed = [p for p in problems if right.get(p.id) is False]
+    logger.warning("training on the %d of %d problems %s got wrong in %s (%d not evaluated there)", len(failed),
+                len(problems), label, run, sum(p.id not in right for p in problems))
+    if not failed:
+        raise ConfigError(f"{run}: {label} got every training problem it was evaluated on right: nothing to train on")
+    return failed
+
+
 def variant_contexts(model, artifacts: list[str], scales: list[float], layer_specs: list[str]):
     """Yields (Variant, steering vectors or None, context) in order: the base, then each artifact with each layer
     subset (distinct `--layers` specs) at each scale, one artifact attached at a time."""

@@ -16,6 +16,7 @@ import logging
 import os
 import random
 from collections import Counter
+from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
@@ -36,6 +37,7 @@ from brep_rl.curriculum import Curriculum
 from brep_rl.data import prompt_batch
 from brep_rl.dynamic_sampling import ScoredGroup, informative_groups
 from brep_rl.errors import ConfigError, DataError
+from brep_rl.evaluate import failed_problems
 from brep_rl.rollout import Backend, Sampling, TransformersBackend, hash_seed, make_backend
 from brep_rl.steering import SteeringVectors
 from brep_rl.training import (
@@ -426,6 +428,9 @@ def run_grpo(model_args: ModelArguments, steer_args: SteeringArguments, data_arg
     funcs, train_args.reward_weights = reward_functions(*data_args.reward_names(train_args.reward_weights), data_args.fallback,
                                                          data_args.allow_reward_imports)
     problems = data_args.training_problems(train_args.seed)
+    if data_args.train_on_failures:
+        problems = failed_problems(problems, Path(data_args.train_on_failures), data_args.failures_of,
+                                   {"task": data_args.task, "split": data_args.split, "rg_config": data_args.rg_config})
     if not all(p.answer for p in problems):
         raise DataError(f"task {data_args.task!r}: every problem needs a gold answer for the reward")
 
@@ -434,7 +439,9 @@ def run_grpo(model_args: ModelArguments, steer_args: SteeringArguments, data_arg
 
     model, tokenizer, steer = load_for_training(model_args, steer_args, calibration)
     steer.config.provenance = {**steer.config.provenance, "stage": "grpo", **data_args.provenance(),
-                               **({"mix": data_args.mix} if data_args.mix else {})}
+                               **({"mix": data_args.mix} if data_args.mix else {}),
+                               **({"train_on_failures": data_args.train_on_failures, "failures_of": data_args.failures_of,
+                                   "problems": len(problems)} if data_args.train_on_failures else {})}
     backend = make_backend(train_args.rollout_backend, model, tokenizer, model_args.model, [steer.config], torch.get_num_threads())
     curriculum = None
     if data_args.curriculum:

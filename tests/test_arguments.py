@@ -147,3 +147,10 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, cap
     monkeypatch.setattr(VERBS["inspect"], "run", bug)
     with pytest.raises(KeyError):
         main(["inspect", "some/dir"])
+
+
+def test_training_on_failures_takes_the_task_alone():
+    with pytest.raises(ValueError, match="does not combine with --mix or --curriculum"):
+        GRPODataArguments(train_on_failures="runs/eval", curriculum="chain_sum")
+    with pytest.raises(ValueError, match="--failures_of names a model of the --train_on_failures run"):
+        GRPODataArguments(failures_of="vec")

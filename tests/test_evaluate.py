@@ -8,7 +8,7 @@ from brep_rl.arguments import EvalSettings
 from brep_rl.cli import main as cli_main
 from brep_rl.data import Problem, chat_prompt_ids
 from brep_rl.errors import ConfigError
-from brep_rl.evaluate import evaluate
+from brep_rl.evaluate import evaluate, failed_problems
 from brep_rl.rollout import Sampling, TransformersBackend
 
 PROBLEMS = [Problem(f"p{i}", f"What is {i} + {i}?", str(2 * i)) for i in range(5)]
@@ -224,3 +224,32 @@ def test_layers_the_artifact_does_not_steer_are_refused(tiny_llama, tokenizer, a
     with pytest.raises(SystemExit):
         cli_main(["eval", "--steering", artifact, "--layers", "first"])
     assert "--layers: expected 'all' or indices" in capsys.readouterr().err
+
+
+def _mark_right(run, label, problem_id, sample=0):
+    path = run / "samples.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in records:
+        if (r["model"], r["problem_id"], r["sample"]) == (label, problem_id, sample):
+            r["correct"] = True
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_failed_problems_are_those_the_model_got_wrong_in_every_sample(tiny_llama, tokenizer, artifact, tmp_path):
+    settings = EvalSettings(samples=2, temperature=1.0, max_new_tokens=4, batch_size=4)
+    run = tmp_path / "run"
+    evaluate(tiny_llama, tokenizer, settings, [artifact], [1.0], run, problems=PROBLEMS[:4], progress=False)
+    _mark_right(run, "vec", "p1", sample=1)  # right once in two samples: solved
+    _mark_right(run, "base", "p2")  # the base's records do not count
+    task = {"task": settings.task, "split": settings.split, "rg_config": None}
+    assert [p.id for p in failed_problems(PROBLEMS, run, None, task)] == ["p0", "p2", "p3"]  # p4 was not evaluated
+    with pytest.raises(ConfigError, match=r"evaluated other problems than the training set \(split: run 'test', training 'train'\)"):
+        failed_problems(PROBLEMS, run, None, task | {"split": "train"})
+    with pytest.raises(ConfigError, match=r"no records of model 'nope' \(models there: base, vec\)"):
+        failed_problems(PROBLEMS, run, "nope", task)
+    with pytest.raises(ConfigError, match="not an eval run"):
+        failed_problems(PROBLEMS, tmp_path, None, task)
+    for problem_id in ("p0", "p2", "p3"):
+        _mark_right(run, "vec", problem_id)
+    with pytest.raises(ConfigError, match="got every training problem it was evaluated on right"):
+        failed_problems(PROBLEMS, run, "vec", task)

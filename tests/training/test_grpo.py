@@ -7,11 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from brep_rl.errors import ConfigError
 from brep_rl.grpo import SteeringDisabled, SteeringGRPOConfig, check_sampling
 from brep_rl.grpo import main as grpo_main
 from brep_rl.rollout import BackendUnavailable
 from reward import guarded, reward_failures
-from testing_utils import ROOT, grpo_args, sft_args
+from testing_utils import CHAIN, ROOT, grpo_args, sft_args
 
 
 def test_grpo_trains_only_the_vectors_within_the_radius(tiny_model_dir, tmp_path):
@@ -106,6 +107,35 @@ def test_grpo_starts_from_sft_vectors(tiny_model_dir, tmp_path):
     assert provenance["stage"] == "grpo" and provenance["previous"]["stage"] == "sft"
     assert provenance["init_from"] == str(tmp_path / "sft")
     assert provenance["mix"] == mix and len(grpo.train_dataset) == 40 + 3  # the mixed task's problems are trained on
+
+
+def test_grpo_trains_only_on_the_problems_an_eval_run_failed(tiny_model_dir, tokenizer, tmp_path):
+    """--train_on_failures: the training set is the problems the run's steered model got wrong, nothing else."""
+    from transformers import AutoModelForCausalLM
+
+    from brep_rl import SteeringConfig, SteeringVectors
+    from brep_rl.arguments import EvalSettings
+    from brep_rl.data import load_task
+    from brep_rl.evaluate import evaluate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    steer = SteeringVectors.attach(model, SteeringConfig())
+    start = steer.save_pretrained(tmp_path / "start")
+    steer.detach()
+    settings = EvalSettings(task="rg:chain_sum", split="train", limit=6, rg_config=CHAIN, max_new_tokens=4)
+    problems = load_task("rg:chain_sum", "train", 6, rg_config=json.loads(CHAIN))
+    run = tmp_path / "run"
+    evaluate(model, tokenizer, settings, [str(start)], [1.0], run, problems=problems, progress=False)
+    records = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    for r in records:
+        r["correct"] = r["problem_id"] in (problems[0].id, problems[3].id)  # solved: these two
+    (run / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    grpo = grpo_main(grpo_args(tiny_model_dir, tmp_path / "grpo", "--train_on_failures", str(run), "--max_steps", "1"))
+    assert sorted(grpo.train_dataset["answer"]) == sorted(p.answer for i, p in enumerate(problems) if i not in (0, 3))
+    provenance = json.loads((tmp_path / "grpo" / "steering_config.json").read_text())["provenance"]
+    assert provenance["train_on_failures"] == str(run) and provenance["problems"] == 4
+    with pytest.raises(ConfigError, match=r"evaluated other problems than the training set \(rg_config: run"):
+        grpo_main(grpo_args(tiny_model_dir, tmp_path / "bad", "--train_on_failures", str(run), "--rg_config", "{}"))
 
 
 def test_a_launch_that_does_not_fit_the_machine_is_refused(tiny_model_dir, tmp_path, monkeypatch, capsys):
