@@ -39,13 +39,30 @@ def test_the_refill_cap_tops_the_batch_up_with_dropped_groups():
     assert len(batch) == 3 and stats.generated_groups == 3
 
 
-def test_grpo_with_dynamic_sampling_trains_on_the_groups_it_scored(tiny_model_dir, tmp_path, monkeypatch):
+# 4 problems, 4 groups a step: refills draw problems the batch already holds, at times side by side
+@pytest.mark.parametrize("problems,batch", [(40, 8), (4, 16)])
+def test_grpo_with_dynamic_sampling_trains_on_the_groups_it_scored(tiny_model_dir, tmp_path, monkeypatch, problems, batch):
     # the filter and TRL's reward read the same binary reward, which varies on a random model
     monkeypatch.setattr(grpo, "reward_function", lambda name, fallback: rare_hit)
+    scored, trained = [], []
+    real_filter, real_rollout = grpo.informative_groups, grpo.SteeringGRPOTrainer._rollout
+
+    def recording_filter(*args):
+        batch, stats = real_filter(*args)
+        scored.append([c for g in batch for c in g.rollout[1][1]])  # the completions of the groups kept, in order
+        return batch, stats
+
+    def recording_rollout(self, prompts, trainer):
+        output = real_rollout(self, prompts, trainer)
+        trained.append(output["completion_ids"])
+        return output
+
+    monkeypatch.setattr(grpo, "informative_groups", recording_filter)
+    monkeypatch.setattr(grpo.SteeringGRPOTrainer, "_rollout", recording_rollout)
     out = tmp_path / "dyn"
     trainer = grpo.main(grpo_args(tiny_model_dir, out, "--dynamic_sampling", "true", "--rollout_backend", "transformers",
                                   "--max_refills", "3", "--rewards", "testing_utils:rare_hit", "--extra_rewards", "",
-                                  "--max_steps", "4", "--per_device_train_batch_size", "8"))
+                                  "--max_steps", "4", "--per_device_train_batch_size", str(batch), "--limit", str(problems)))
     logs = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "reward" in h]
     assert len(logs) == 4
     for log in logs:
@@ -54,7 +71,8 @@ def test_grpo_with_dynamic_sampling_trains_on_the_groups_it_scored(tiny_model_di
         # TRL trained on the very rollouts the filter scored: the same groups are without signal
         assert log["frac_reward_zero_std"] == log["dynamic/zero_variance_after"]
     assert any(log["dynamic/zero_variance_before"] > 0 for log in logs)  # there was something to filter
-    assert trainer._stash == {}  # every stashed rollout was used
+    assert trained == scored and len(trained) == 4  # TRL trained on exactly the completions scored, group by group
+    assert trainer._stash == []  # every stashed rollout was used
 
 
 def test_hint_ids_are_the_start_of_the_worked_solution_never_its_answer(tokenizer):
