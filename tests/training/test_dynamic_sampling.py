@@ -15,6 +15,19 @@ def group(name: str, accuracies: list[float]) -> ScoredGroup:
     return ScoredGroup(rows=[{"id": name}] * len(accuracies), rollout=name, accuracies=accuracies)
 
 
+def recorded_rollouts(monkeypatch) -> list[dict]:
+    """Every output of the trainer's rollout function (what TRL trains on), in order, once training has run."""
+    outputs = []
+    real_rollout = grpo.SteeringGRPOTrainer._rollout
+
+    def recording_rollout(self, prompts, trainer):
+        outputs.append(real_rollout(self, prompts, trainer))
+        return outputs[-1]
+
+    monkeypatch.setattr(grpo.SteeringGRPOTrainer, "_rollout", recording_rollout)
+    return outputs
+
+
 def test_groups_without_signal_are_replaced_by_fresh_informative_ones():
     first = [group("a", [1, 0]), group("b", [0, 0]), group("c", [1, 1]), group("d", [0, 1])]
     draws = []
@@ -44,21 +57,15 @@ def test_the_refill_cap_tops_the_batch_up_with_dropped_groups():
 def test_grpo_with_dynamic_sampling_trains_on_the_groups_it_scored(tiny_model_dir, tmp_path, monkeypatch, problems, batch):
     # the filter and TRL's reward read the same binary reward, which varies on a random model
     monkeypatch.setattr(grpo, "reward_function", lambda name, fallback: rare_hit)
-    scored, trained = [], []
-    real_filter, real_rollout = grpo.informative_groups, grpo.SteeringGRPOTrainer._rollout
+    scored, real_filter = [], grpo.informative_groups
 
     def recording_filter(*args):
         batch, stats = real_filter(*args)
         scored.append([c for g in batch for c in g.rollout[1][1]])  # the completions of the groups kept, in order
         return batch, stats
 
-    def recording_rollout(self, prompts, trainer):
-        output = real_rollout(self, prompts, trainer)
-        trained.append(output["completion_ids"])
-        return output
-
     monkeypatch.setattr(grpo, "informative_groups", recording_filter)
-    monkeypatch.setattr(grpo.SteeringGRPOTrainer, "_rollout", recording_rollout)
+    rollouts = recorded_rollouts(monkeypatch)
     out = tmp_path / "dyn"
     trainer = grpo.main(grpo_args(tiny_model_dir, out, "--dynamic_sampling", "true", "--rollout_backend", "transformers",
                                   "--max_refills", "3", "--rewards", "testing_utils:rare_hit", "--extra_rewards", "",
@@ -71,8 +78,9 @@ def test_grpo_with_dynamic_sampling_trains_on_the_groups_it_scored(tiny_model_di
         # TRL trained on the very rollouts the filter scored: the same groups are without signal
         assert log["frac_reward_zero_std"] == log["dynamic/zero_variance_after"]
     assert any(log["dynamic/zero_variance_before"] > 0 for log in logs)  # there was something to filter
-    assert trained == scored and len(trained) == 4  # TRL trained on exactly the completions scored, group by group
-    assert trainer._stash == []  # every stashed rollout was used
+    # TRL trained on exactly the completions scored, group by group
+    assert [r["completion_ids"] for r in rollouts] == scored and len(scored) == 4
+    assert not trainer._stash  # every stashed rollout was used
 
 
 def test_hint_ids_are_the_start_of_the_worked_solution_never_its_answer(tokenizer):
@@ -85,20 +93,14 @@ def test_hint_ids_are_the_start_of_the_worked_solution_never_its_answer(tokenize
 
 def test_unsolved_groups_are_generated_again_and_trained_with_a_hint(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(grpo, "reward_function", lambda name, fallback: rare_hit)
-    hints, trained = [], []
-    real_hint_ids, real_rollout = grpo.hint_ids, grpo.SteeringGRPOTrainer._rollout
+    hints, real_hint_ids = [], grpo.hint_ids
 
     def recording_hint_ids(tokenizer, solution, share):
         hints.append(real_hint_ids(tokenizer, solution, share))
         return hints[-1]
 
-    def recording_rollout(self, prompts, trainer):
-        output = real_rollout(self, prompts, trainer)
-        trained.extend(output["prompt_ids"])
-        return output
-
     monkeypatch.setattr(grpo, "hint_ids", recording_hint_ids)
-    monkeypatch.setattr(grpo.SteeringGRPOTrainer, "_rollout", recording_rollout)
+    rollouts = recorded_rollouts(monkeypatch)
     out = tmp_path / "hints"
     grpo.main(grpo_args(tiny_model_dir, out, "--task", "gsm8k", "--dynamic_sampling", "true", "--max_refills", "1",
                         "--hint_share", "0.8", "--rollout_backend", "transformers", "--rewards", "testing_utils:rare_hit",
@@ -109,7 +111,7 @@ def test_unsolved_groups_are_generated_again_and_trained_with_a_hint(tiny_model_
     assert sum(log["hints/groups"] for log in logs) == len(hints) > 0
     assert all(0 <= log["hints/informative"] <= log["hints/groups"] for log in logs)
     # TRL trained on hinted prompts: prompt ids that end in a hint that was handed out
-    assert any(len(h) and ids[-len(h):] == h for ids in trained for h in hints)
+    assert any(len(h) and ids[-len(h):] == h for r in rollouts for ids in r["prompt_ids"] for h in hints)
 
 
 def solution_logprob(trainer, rows) -> float:
@@ -127,15 +129,7 @@ def solution_logprob(trainer, rows) -> float:
 
 
 def test_unsolved_groups_train_on_the_reference_solution_in_place_of_a_sample(tiny_model_dir, tmp_path, monkeypatch):
-    trained = []  # (completion ids, sampler log-probs) of every row TRL trained on
-    real_rollout = grpo.SteeringGRPOTrainer._rollout
-
-    def recording_rollout(self, prompts, trainer):
-        output = real_rollout(self, prompts, trainer)
-        trained.extend(zip(output["completion_ids"], output["logprobs"]))
-        return output
-
-    monkeypatch.setattr(grpo.SteeringGRPOTrainer, "_rollout", recording_rollout)
+    rollouts = recorded_rollouts(monkeypatch)
     out = tmp_path / "demonstrations"
     # the accuracy reward alone: a random model solves no sum, so every group is all wrong and has no signal
     trainer = grpo.main(grpo_args(tiny_model_dir, out, "--dynamic_sampling", "true", "--demonstrations", "true",
@@ -143,6 +137,7 @@ def test_unsolved_groups_train_on_the_reference_solution_in_place_of_a_sample(ti
                                   "--max_completion_length", "24", "--max_steps", "3", "--per_device_train_batch_size", "8",
                                   "--radius", "1.0"))
     logs = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "reward" in h]
+    trained = [row for r in rollouts for row in zip(r["completion_ids"], r["logprobs"])]  # (ids, sampler log-probs)
     tokenizer, rows = trainer.processing_class, list(trainer.train_dataset)
     solutions = {tuple(grpo.demonstration_ids(tokenizer, row["solution"])) for row in rows}
     demonstrations = [logprobs for ids, logprobs in trained if tuple(ids) in solutions]
