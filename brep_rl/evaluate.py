@@ -120,7 +120,7 @@ def failed_problems(problems: list[Problem], run: Path, label: str | None, task:
     if differs:
         details = "; ".join(f"{k}: run {old!r}, training {new!r}" for k, (old, new) in differs.items())
         raise ConfigError(f"{run} evaluated other problems than the training set ({details})")
-    steered = [name for name in settings.get("artifacts", {})]
+    steered = list(settings.get("artifacts", {}))
     if label is None:
         if len(steered) != 1:
             raise ConfigError(f"{run} holds {len(steered)} steered models ({', '.join(steered) or 'none'}): name one")
@@ -137,7 +137,7 @@ def failed_problems(problems: list[Problem], run: Path, label: str | None, task:
         raise ConfigError(f"{run} has no records of model {label!r} (models there: base, {', '.join(steered)})")
     failed = [p for p in problems if right.get(p.id) is False]
     logger.warning("training on the %d of %d problems %s got wrong in %s (%d not evaluated there)", len(failed),
-                len(problems), label, run, sum(p.id not in right for p in problems))
+                   len(problems), label, run, sum(p.id not in right for p in problems))
     if not failed:
         raise ConfigError(f"{run}: {label} got every training problem it was evaluated on right: nothing to train on")
     return failed

@@ -434,7 +434,7 @@ def run_grpo(model_args: ModelArguments, steer_args: SteeringArguments, data_arg
     problems = data_args.training_problems(train_args.seed)
     if data_args.train_on_failures:
         problems = failed_problems(problems, Path(data_args.train_on_failures), data_args.failures_of,
-                                   {"task": data_args.task, "split": data_args.split, "rg_config": data_args.rg_config})
+                                   data_args.provenance())
     if not all(p.answer for p in problems):
         raise DataError(f"task {data_args.task!r}: every problem needs a gold answer for the reward")
 

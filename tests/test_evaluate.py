@@ -10,6 +10,7 @@ from brep_rl.data import Problem, chat_prompt_ids
 from brep_rl.errors import ConfigError
 from brep_rl.evaluate import evaluate, failed_problems
 from brep_rl.rollout import Sampling, TransformersBackend
+from testing_utils import edit_records
 
 PROBLEMS = [Problem(f"p{i}", f"What is {i} + {i}?", str(2 * i)) for i in range(5)]
 
@@ -227,12 +228,11 @@ def test_layers_the_artifact_does_not_steer_are_refused(tiny_llama, tokenizer, a
 
 
 def _mark_right(run, label, problem_id, sample=0):
-    path = run / "samples.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    for r in records:
+    def edit(r):
         if (r["model"], r["problem_id"], r["sample"]) == (label, problem_id, sample):
             r["correct"] = True
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    edit_records(run, edit)
 
 
 def test_failed_problems_are_those_the_model_got_wrong_in_every_sample(tiny_llama, tokenizer, artifact, tmp_path):

@@ -4,6 +4,7 @@ Markers (pyproject.toml): `slow` marks tests on the real SmolLM2-135M model or w
 suite runs them, `make test-fast` leaves them out.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -53,6 +54,15 @@ def rare_hit(prompts=None, completions=(), **kwargs) -> list[float]:
 
 
 CHAIN = '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}'
+
+
+def edit_records(run: Path, edit) -> None:
+    """Rewrite an eval run's samples.jsonl with `edit(record)` applied to every record (e.g. to mark answers right)."""
+    path = run / "samples.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for record in records:
+        edit(record)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def grpo_args(model_dir, out, *extra):

@@ -12,7 +12,7 @@ from brep_rl.grpo import SteeringDisabled, SteeringGRPOConfig, check_sampling
 from brep_rl.grpo import main as grpo_main
 from brep_rl.rollout import BackendUnavailable
 from reward import guarded, reward_failures
-from testing_utils import CHAIN, ROOT, grpo_args, sft_args
+from testing_utils import CHAIN, ROOT, edit_records, grpo_args, sft_args
 
 
 def test_grpo_trains_only_the_vectors_within_the_radius(tiny_model_dir, tmp_path):
@@ -126,10 +126,7 @@ def test_grpo_trains_only_on_the_problems_an_eval_run_failed(tiny_model_dir, tok
     problems = load_task("rg:chain_sum", "train", 6, rg_config=json.loads(CHAIN))
     run = tmp_path / "run"
     evaluate(model, tokenizer, settings, [str(start)], [1.0], run, problems=problems, progress=False)
-    records = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
-    for r in records:
-        r["correct"] = r["problem_id"] in (problems[0].id, problems[3].id)  # solved: these two
-    (run / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    edit_records(run, lambda r: r.update(correct=r["problem_id"] in (problems[0].id, problems[3].id)))  # solved: 2
     grpo = grpo_main(grpo_args(tiny_model_dir, tmp_path / "grpo", "--train_on_failures", str(run), "--max_steps", "1"))
     assert sorted(grpo.train_dataset["answer"]) == sorted(p.answer for i, p in enumerate(problems) if i not in (0, 3))
     provenance = json.loads((tmp_path / "grpo" / "steering_config.json").read_text())["provenance"]
