@@ -432,6 +432,8 @@ class EvalSettings(TaskArguments):
     fallback: Fallback = field(default="last_number", metadata={"help": "answer extraction when there is no \\boxed{} or ####"})
     backend: BackendChoice = field(default="auto", metadata={"help": "what generates: auto picks llama.cpp for a GGUF base "
                                    "when llama-cpp-python is installed and can apply the artifacts"})
+    calculator: bool = field(default=False, metadata={"help": "GSM8K's calculator: after `expression =` the result is "
+                             "written for the model, for the base and every variant alike (llama.cpp backend)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -25,7 +25,16 @@ from brep_rl.data import Problem, chat_prompt, chat_prompt_ids, load_task
 from brep_rl.errors import ConfigError
 from brep_rl.files import to_json, write_json, write_jsonl
 from brep_rl.metrics import accuracy_interval, majority_vote, paired_difference, pass_at_k
-from brep_rl.rollout import Backend, Rollouts, Sampling, TransformersBackend, generate_each, hash_seed, make_backend
+from brep_rl.rollout import (
+    Backend,
+    Calculator,
+    Rollouts,
+    Sampling,
+    TransformersBackend,
+    generate_each,
+    hash_seed,
+    make_backend,
+)
 from brep_rl.steering import CONFIG_NAME, WEIGHTS_NAME, SteeringVectors, read_artifact
 from reward import default_verifier, extract_answer, has_final_answer_format
 
@@ -57,6 +66,9 @@ class RecordStore:
         output.mkdir(parents=True, exist_ok=True)
         if self.run_file.is_file():
             previous = json.loads(self.run_file.read_text())
+            # a setting added after the run was written is taken at its default (what that run did)
+            defaults = {f.name: f.default for f in dataclasses.fields(settings)}
+            previous = {k: previous.get(k, defaults.get(k)) for k in self.run} | previous
             changed = {k: (previous.get(k), v) for k, v in self.run.items() if k != "artifacts" and previous.get(k) != v}
             if changed:
                 details = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
@@ -219,6 +231,7 @@ def evaluate(
     prompts = {p.id: chat_prompt(tokenizer, p.question, settings.instruction, settings.system_prompt) for p in problems}
     prompt_ids = dict(zip(prompts, chat_prompt_ids(tokenizer, problems, settings.instruction, settings.system_prompt)))
     k = settings.samples
+    calculator = Calculator(tokenizer) if settings.calculator else None
     variants = []
     total = len(problems) * k * (1 + len(artifacts) * len(scales) * len(layer_specs) + len(loras))
     bar = tqdm(total=total, desc="eval", unit="sample", disable=not progress, dynamic_ncols=True)
@@ -241,7 +254,8 @@ def evaluate(
         sampling = Sampling(settings.max_new_tokens, settings.temperature, settings.top_p)
         with context:
             generator.sync(steer)
-            each = generate_each(generator, [prompt_ids[p.id] for p in todo], k, sampling, seeds, settings.batch_size)
+            each = generate_each(generator, [prompt_ids[p.id] for p in todo], k, sampling, seeds, settings.batch_size,
+                                 calculator)
             for i, rollouts in each:
                 store.add(score(variant, [todo[i]], prompts, rollouts, tokenizer, settings))
                 bar.update(k)

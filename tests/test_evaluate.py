@@ -134,6 +134,25 @@ def test_resume_with_other_settings_is_refused(tiny_llama, tokenizer, tmp_path):
         evaluate(tiny_llama, tokenizer, EvalSettings(max_new_tokens=5), [], None, tmp_path, problems=PROBLEMS[:1], progress=False)
 
 
+def test_a_run_written_before_a_setting_existed_resumes_at_its_default(tiny_llama, tokenizer, tmp_path):
+    settings = EvalSettings(max_new_tokens=4)
+    evaluate(tiny_llama, tokenizer, settings, [], None, tmp_path, problems=PROBLEMS[:1], progress=False)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["calculator"] is False
+    del run["calculator"]  # as an evaluation from before --calculator wrote it
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    evaluate(tiny_llama, tokenizer, settings, [], None, tmp_path, problems=PROBLEMS[:1], progress=False)
+    with pytest.raises(ValueError, match=r"other settings \(calculator: False -> True\)"):
+        evaluate(tiny_llama, tokenizer, EvalSettings(max_new_tokens=4, calculator=True), [], None, tmp_path,
+                 problems=PROBLEMS[:1], progress=False)
+
+
+def test_the_calculator_needs_the_llama_cpp_backend(tiny_llama, tokenizer):
+    with pytest.raises(ConfigError, match="--calculator\) needs the llama.cpp backend"):
+        evaluate(tiny_llama, tokenizer, EvalSettings(max_new_tokens=4, calculator=True), problems=PROBLEMS[:1],
+                 progress=False)
+
+
 def test_resume_refuses_records_of_a_changed_artifact(tiny_llama, tokenizer, artifact, tmp_path):
     settings = EvalSettings(max_new_tokens=3)
     evaluate(tiny_llama, tokenizer, settings, [artifact], None, tmp_path / "run", problems=PROBLEMS[:2], progress=False)

@@ -18,17 +18,19 @@ from brep_rl.rollout.base import (
     BackendUnavailable,
     Rollouts,
     Sampling,
+    Tool,
     generate_each,
     hash_seed,
     stop_token_ids,
 )
+from brep_rl.rollout.calculator import Calculator
 from brep_rl.rollout.hf import TransformersBackend
 from brep_rl.steering import SteeringConfig
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "BACKENDS", "Backend", "BackendUnavailable", "Rollouts", "Sampling", "TransformersBackend", "generate_each", "hash_seed",
+    "BACKENDS", "Backend", "BackendUnavailable", "Calculator", "Rollouts", "Sampling", "Tool", "TransformersBackend", "generate_each", "hash_seed",
     "make_backend", "stop_token_ids",
 ]
 

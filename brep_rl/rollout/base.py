@@ -7,13 +7,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from brep_rl.errors import BackendUnavailable
+from brep_rl.errors import BackendUnavailable, ConfigError
 from brep_rl.steering import SteeringVectors
 
 BACKENDS = ("auto", "transformers", "llama.cpp")
 
-__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "Rollouts", "Sampling", "generate_each", "hash_seed",
+__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "Rollouts", "Sampling", "Tool", "generate_each", "hash_seed",
            "stop_token_ids"]
+
+class Tool(Protocol):
+    """Something in the generation loop (the Calculator): it may write tokens for a completion."""
+
+    def __call__(self, completion_ids: list[int]) -> list[int]:
+        """The tokens to write next, seen after each sampled token ([] for none)."""
+
+    def banned(self, completion_ids: list[int], since_write: int) -> set[int]:
+        """Tokens the next sample may not be, `since_write` sampled tokens after a write ended (e.g. digits that
+        would run on from a written number)."""
 
 
 @dataclass
@@ -50,13 +60,16 @@ class Backend(Protocol):
 
 
 def generate_each(backend: Backend, prompt_ids: list[list[int]], n: int, sampling: Sampling, seeds: list[int],
-                  running: int) -> Iterator[tuple[int, Rollouts]]:
+                  running: int, tool: Tool | None = None) -> Iterator[tuple[int, Rollouts]]:
     """(index of a prompt, its `n` completions) for every prompt, as each finishes, with about `running` sequences
     decoded at once. A backend with its own `generate_each` (llama.cpp) starts the next prompt as soon as a
-    prompt's sequences are done; any other generates `running // n` prompts per call."""
+    prompt's sequences are done; any other generates `running // n` prompts per call. Only the llama.cpp backend
+    runs a `tool` (it decodes token by token in Python)."""
     if hasattr(backend, "generate_each"):
-        yield from backend.generate_each(prompt_ids, n, sampling, seeds, running)
+        yield from backend.generate_each(prompt_ids, n, sampling, seeds, running, tool)
         return
+    if tool is not None:
+        raise ConfigError(f"a tool in the loop (--calculator) needs the llama.cpp backend, not {backend.name}")
     per_call = max(1, running // n)
     for start in range(0, len(prompt_ids), per_call):
         chunk = prompt_ids[start : start + per_call]

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from brep_rl.errors import BackendUnavailable, ConfigError
-from brep_rl.rollout.base import Rollouts, Sampling
+from brep_rl.rollout.base import Rollouts, Sampling, Tool
 from brep_rl.rollout.sampling import sample_token, sequence_rngs
 from brep_rl.steering import SteeringConfig, SteeringVectors
 
@@ -193,11 +193,15 @@ class LlamaCppBackend:
                         [lp for r in rows for lp in r.logprobs], time.perf_counter() - start)
 
     def generate_each(self, prompt_ids: list[list[int]], n: int, sampling: Sampling, seeds: list[int] | None = None,
-                      running: int | None = None) -> Iterator[tuple[int, Rollouts]]:
+                      running: int | None = None, tool: Tool | None = None) -> Iterator[tuple[int, Rollouts]]:
         """(index of a prompt, its `n` completions) as each prompt's sequences finish, decoding at most `running`
         sequences at once (default: all, up to the 256 a llama.cpp context holds). Continuous batching: the next
         prompt starts as soon as `n` streams are free. With a prefix window every running sequence must sit at the
-        same answer position, so the next prompts start together once all running ones are done (lockstep waves)."""
+        same answer position, so the next prompts start together once all running ones are done (lockstep waves).
+        `tool` (e.g. the Calculator) sees each completion after every sampled token and may write the next tokens for
+        it; a written token is fed like a sampled one, with log-prob 0 (it was certain), and counts toward
+        max_new_tokens. The tokens sampled right after a write are drawn from outside `tool.banned(...)`, until it
+        bans nothing."""
         if not prompt_ids:  # e.g. a resumed evaluation with nothing left to do
             return
         if self.steered is None:
@@ -214,6 +218,8 @@ class LlamaCppBackend:
         rngs = sequence_rngs(sampling, len(prompt_ids), n, seeds)
         completions: list[list[int]] = [[] for _ in range(total)]
         logprobs: list[list[float]] = [[] for _ in range(total)]
+        written: list[list[int]] = [[] for _ in range(total)]  # tokens the tool wrote, still to be fed
+        since_write: list[int | None] = [None] * total  # tokens sampled since the tool's last write ended
         left = [n] * len(prompt_ids)  # sequences of each prompt still running
         slot: dict[int, int] = {}  # the llama.cpp sequence id (KV stream) that holds each running sequence's cache
         active: list[int] = []  # running sequences in stream order (streams 0..len-1)
@@ -239,7 +245,20 @@ class LlamaCppBackend:
                     waiting += 1
             feed = []
             for s in active:
-                token, logprob = sample_token(next_logits[s], sampling, rngs[s])
+                if written[s]:
+                    token, logprob = written[s].pop(0), 0.0
+                    since_write[s] = 0
+                else:
+                    logits = next_logits[s]
+                    banned = tool.banned(completions[s], since_write[s]) if since_write[s] is not None else None
+                    if banned:
+                        logits = logits.copy()  # shared by a prompt's group after prefill
+                        logits[list(banned)] = -np.inf
+                        since_write[s] += 1
+                    else:
+                        since_write[s] = None  # the tool bans nothing more after this write
+                    token, logprob = sample_token(logits, sampling, rngs[s])
+                    written[s] = tool(completions[s] + [token]) if tool is not None else []
                 completions[s].append(token)
                 logprobs[s].append(logprob)
                 if token not in self.stop_ids and len(completions[s]) < sampling.max_new_tokens:

@@ -8,7 +8,14 @@ import torch
 from brep_rl import SteeringConfig, SteeringVectors
 from brep_rl.errors import ConfigError
 from brep_rl.model import gguf_as_f32, smollm2_gguf
-from brep_rl.rollout import BackendUnavailable, Sampling, TransformersBackend, make_backend, stop_token_ids
+from brep_rl.rollout import (
+    BackendUnavailable,
+    Sampling,
+    TransformersBackend,
+    generate_each,
+    make_backend,
+    stop_token_ids,
+)
 from brep_rl.rollout.llama_cpp import LlamaCppBackend
 from testing_utils import PROMPTS
 
@@ -44,6 +51,12 @@ def test_transformers_backend_returns_what_generate_returns(tiny_llama, tokenize
     assert out.prompt_ids == [ids[0], ids[0], ids[1], ids[1]] and len(out.completion_ids) == 4
     alone = tiny_llama.generate(torch.tensor([ids[1]]), max_new_tokens=5, do_sample=False)[0, len(ids[1]):].tolist()
     assert out.completion_ids[2][: len(alone)] == alone[: len(out.completion_ids[2])]
+
+
+def test_only_llama_cpp_runs_a_tool_in_the_loop(tiny_llama, tokenizer):
+    ids = [tokenizer(p).input_ids for p in PROMPTS[:2]]
+    with pytest.raises(ConfigError, match="needs the llama.cpp backend, not transformers"):
+        list(generate_each(TransformersBackend(tiny_llama, tokenizer), ids, 1, Sampling(5), [0, 1], 2, WriteAfter(3, [])))
 
 
 def test_transformers_backend_samples_with_its_own_seed_and_reports_logprobs(tiny_llama, tokenizer):
@@ -112,6 +125,19 @@ def recorded_decodes(llama, monkeypatch) -> list[list[tuple[int, int]]]:
     return decoded
 
 
+class WriteAfter:
+    """A tool that writes `tokens` once the completion has `after` tokens, then bans `banned` for one sample."""
+
+    def __init__(self, after: int, tokens: list[int], banned: set[int] = frozenset()):
+        self.after, self.tokens, self.bans = after, tokens, banned
+
+    def __call__(self, completion_ids: list[int]) -> list[int]:
+        return list(self.tokens) if len(completion_ids) == self.after else []
+
+    def banned(self, completion_ids: list[int], since_write: int) -> set[int]:
+        return set(self.bans) if since_write == 0 else set()
+
+
 def first_divergence(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
 
@@ -142,6 +168,40 @@ def test_llama_cpp_greedy_agrees_with_transformers(smollm2, llama, mode):
             logp = hf_logprobs(model, steer, prompt, got[: at + 1])[at]
             assert logp[ref[at]] - logp[got[at]] < 0.1, f"{mode}: diverged at token {at} without a near tie"
         assert flips <= 1, f"{mode}: {flips} of {len(ids)} sequences diverged"
+    finally:
+        steer.detach()
+
+
+@pytest.mark.slow
+def test_a_tool_writes_tokens_the_model_then_continues_from(smollm2, llama):
+    model, tok = smollm2
+    steer = random_vectors(model, "bias", seed=2)
+
+    def generate(tool=None):
+        groups = dict(llama.generate_each(ids, 1, Sampling(16), None, None, tool))
+        return [groups[p].completion_ids[0] for p in range(len(ids))], [groups[p].logprobs[0] for p in range(len(ids))]
+
+    try:
+        ids = chat_ids(tok, MORE_PROMPTS[:3])
+        llama.sync(steer)
+        written = tok.encode(" 1234 apples", add_special_tokens=False)
+        end = 3 + len(written)
+        free, _ = generate()
+        tool = WriteAfter(3, written)
+        completions, logprobs = generate(tool)
+        for prompt, before, completion, logprob in zip(ids, free, completions, logprobs):
+            assert completion[:3] == before[:3] and completion[3:end] == written and len(completion) == 16
+            assert logprob[3:end] == [0.0] * len(written)
+            # the model continued from everything fed, the written tokens included: its log-probs are transformers'
+            error = sampled_logprob_error(model, steer, prompt, completion, logprob)[end:]
+            assert error.max() < 0.05
+        # a banned token is not sampled right after the write: the best of the others is
+        tool.bans = {completion[end] for completion in completions}
+        for prompt, completion in zip(ids, generate(tool)[0]):
+            logp = hf_logprobs(model, steer, prompt, completion)[end]
+            assert completion[end] not in tool.bans
+            logp[list(tool.bans)] = -torch.inf
+            assert completion[end] == int(logp.argmax())
     finally:
         steer.detach()
 
