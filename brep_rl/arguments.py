@@ -391,6 +391,9 @@ class SteeringGRPOConfig(GRPOConfig):
     demonstrations: bool = field(default=False, metadata={
         "help": "dynamic sampling: in a group no sample of which is right, the last sample is replaced by the "
                 "reference solution and trained as an off-policy sample (LUFFY, arXiv 2504.14945)"})
+    calculator: bool = field(default=False, metadata={
+        "help": "GSM8K's calculator in the rollouts (llama.cpp): after `expression =` the result is written for the "
+                "policy and left out of the loss; validation and the final eval use it too"})
     # TRL's truncated importance sampling (its vLLM correction), applied to llama.cpp rollouts: per-token ratio
     # pi_train / pi_sampler capped at vllm_importance_sampling_clip_max
     vllm_importance_sampling_mode: str = "token_truncate"

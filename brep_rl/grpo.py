@@ -38,7 +38,7 @@ from brep_rl.data import prompt_batch
 from brep_rl.dynamic_sampling import ScoredGroup, informative_groups
 from brep_rl.errors import ConfigError, DataError
 from brep_rl.evaluate import failed_problems
-from brep_rl.rollout import Backend, Sampling, TransformersBackend, hash_seed, make_backend
+from brep_rl.rollout import Backend, Calculator, Sampling, TransformersBackend, hash_seed, make_backend
 from brep_rl.steering import SteeringVectors
 from brep_rl.training import (
     SteeringTrainerMixin,
@@ -96,6 +96,9 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
     def __init__(self, model, steer: SteeringVectors, args: SteeringGRPOConfig, backend: Backend | None = None,
                  accuracy_reward=None, curriculum: Curriculum | None = None, curriculum_rows=None, **kwargs):
         own_loop = backend is None or (isinstance(backend, TransformersBackend) and not args.dynamic_sampling)
+        if args.calculator and (own_loop or isinstance(backend, TransformersBackend)):
+            raise ConfigError("--calculator writes into the rollouts as they are sampled: it needs --rollout_backend "
+                              "llama.cpp (or auto with a GGUF base and llama-cpp-python installed)")
         if args.dynamic_sampling and (backend is None or accuracy_reward is None):
             raise ConfigError("--dynamic_sampling needs a rollout backend and the accuracy reward to filter groups on")
         if curriculum is not None and (accuracy_reward is None or curriculum_rows is None):
@@ -113,6 +116,7 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
         self.beta = beta
         self.ref_model = SteeringDisabled(model, steer) if beta else None
         self.backend = backend
+        self.tool = Calculator(self.processing_class) if args.calculator else None  # also used by validation
         self.accuracy_reward = accuracy_reward
         self.curriculum, self.curriculum_rows = curriculum, curriculum_rows  # rows: (problems) -> dataset rows
         self.setup_steering(steer)
@@ -123,9 +127,9 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
                 self.use_vllm = True  # TRL gates its off-policy correction on vLLM; llama.cpp samples off-policy alike
                 self.vllm_generation, self._last_loaded_step = _SyncedByCallback(), -1
         self._rollout_calls: tuple[int, int] = (-1, 0)  # (global step, calls at that step): seeds survive a resume
-        # rollouts dynamic sampling already made, in batch order: (prompt ids, (ids fed, completions, logprobs)) per
-        # group; by position, not by prompt, since a small training set puts one problem in a batch twice
-        self._stash: list[tuple[tuple[int, ...], tuple[list, list, list]]] = []
+        # rollouts dynamic sampling already made, in batch order: (prompt ids, (ids fed, completions, logprobs, tool
+        # masks)) per group; by position, not by prompt, since a small training set puts one problem in a batch twice
+        self._stash: list[tuple[tuple[int, ...], tuple[list, list, list, list | None]]] = []
         self._guided: Counter = Counter()  # hinted groups this step (and how many then had a signal), demonstrations
         self._drawn_accuracy: list[float] | None = None  # this step's groups as dynamic sampling drew them
         self._trainer_logps: torch.Tensor | None = None
@@ -146,10 +150,11 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
         n = self.num_generations
         if stash and len(prompt_ids) == n * len(stash) and all(
                 tuple(prompt_ids[i * n + j]) == key for i, (key, _) in enumerate(stash) for j in range(n)):
-            made = [rollout for _, rollout in stash]  # (prompt ids fed, hint included; completions; logprobs)
-            return {"prompt_ids": [fed for fed, _, _ in made for _ in range(n)],
-                    "completion_ids": [c for _, completions, _ in made for c in completions],
-                    "logprobs": [lp for _, _, logprobs in made for lp in logprobs]}
+            made = [rollout for _, rollout in stash]  # (prompt ids fed, hint included; completions; logprobs; masks)
+            return {"prompt_ids": [fed for fed, _, _, _ in made for _ in range(n)],
+                    "completion_ids": [c for _, completions, _, _ in made for c in completions],
+                    "logprobs": [lp for _, _, logprobs, _ in made for lp in logprobs],
+                    **({"env_mask": [m for *_, masks in made for m in masks]} if self.tool is not None else {})}
         groups: list[tuple[list[int], int]] = []  # consecutive copies of one prompt (TRL repeats each per generation)
         for ids in prompt_ids:
             if groups and groups[-1][0] == ids:
@@ -162,10 +167,12 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
         sampling = self._sampling(calls)
         sizes = {n for _, n in groups}
         if len(sizes) == 1:
-            rollouts = self.backend.generate([ids for ids, _ in groups], sizes.pop(), sampling)
+            rollouts = self.backend.generate([ids for ids, _ in groups], sizes.pop(), sampling, tool=self.tool)
         else:  # uneven groups (a group split across processes): every copy is its own prompt
-            rollouts = self.backend.generate(prompt_ids, 1, sampling)
-        return {"prompt_ids": rollouts.prompt_ids, "completion_ids": rollouts.completion_ids, "logprobs": rollouts.logprobs}
+            rollouts = self.backend.generate(prompt_ids, 1, sampling, tool=self.tool)
+        # env_mask: TRL leaves the tokens a tool wrote (0) out of the loss and the importance ratios
+        return {"prompt_ids": rollouts.prompt_ids, "completion_ids": rollouts.completion_ids, "logprobs": rollouts.logprobs,
+                **({"env_mask": rollouts.tool_mask} if self.tool is not None else {})}
 
     # ---- dynamic sampling ------------------------------------------------------------------------------------
 
@@ -238,10 +245,12 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
         text = self.processing_class.decode(ids, skip_special_tokens=True)
         if not self.accuracy_reward(completions=[text], answer=[row["answer"]])[0]:
             return False
-        _, (_, completions, logprobs) = group.rollout
+        _, (_, completions, logprobs, masks) = group.rollout
         completions[-1] = ids
         if logprobs[-1] is not None:
             logprobs[-1] = [float("nan")] * len(ids)
+        if masks is not None:
+            masks[-1] = [1] * len(ids)  # trained on, every token of it
         group.accuracies[-1] = 1.0
         return True
 
@@ -250,13 +259,18 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
         """`fed` (the prompts, hints included) generated and scored; the rollouts are stashed under `prompt_ids`,
         the prompts TRL will hand back to the rollout function."""
         n = self.num_generations
-        rollouts = self.backend.generate(fed, n, self._sampling(*purpose))
+        rollouts = self.backend.generate(fed, n, self._sampling(*purpose), tool=self.tool)
         texts = self.processing_class.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
         accuracies = self.accuracy_reward(completions=texts, answer=[row["answer"] for group in groups for row in group])
         logprobs = rollouts.logprobs or [None] * len(texts)
-        return [ScoredGroup(group, (tuple(prompt_ids[i]), (fed[i], rollouts.completion_ids[i * n : (i + 1) * n],
-                                                           logprobs[i * n : (i + 1) * n])), accuracies[i * n : (i + 1) * n])
-                for i, group in enumerate(groups)]
+        masks = rollouts.tool_mask
+
+        def rollout(i: int) -> tuple:
+            rows = slice(i * n, (i + 1) * n)
+            return tuple(prompt_ids[i]), (fed[i], rollouts.completion_ids[rows], logprobs[rows],
+                                          masks[rows] if masks is not None else None)
+
+        return [ScoredGroup(group, rollout(i), accuracies[i * n : (i + 1) * n]) for i, group in enumerate(groups)]
 
     def hint_share(self) -> float:
         """The share of the reference solution a hint gives at this step: --hint_share, falling linearly to 0 at
@@ -324,8 +338,10 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
         sampled = inputs.get("sampling_per_token_logps")
         if sampled is not None and self._trainer_logps is not None:
             # how far the backend's sampling distribution is from the trainer's (quantisation, kernels)
-            # over sampled tokens: a demonstration's (NaN) were never sampled
+            # over sampled tokens: a demonstration's (NaN) were never sampled, nor were a tool's (tool_mask 0)
             sampled_tokens = inputs["completion_mask"].bool() & ~torch.isnan(sampled)
+            if "tool_mask" in inputs:
+                sampled_tokens &= inputs["tool_mask"].bool()
             diff = (self._trainer_logps.detach() - sampled).masked_fill(~sampled_tokens, float("nan"))
             stats = torch.stack([diff.abs().nanmean(), diff.abs().nan_to_num(0.0).max(), (-diff).nanmean()])
             gathered = self.accelerator.gather(stats.reshape(1, 3))
@@ -474,7 +490,7 @@ def eval_settings(data_args: GRPODataArguments, train_args: SteeringGRPOConfig) 
         max_new_tokens=data_args.eval_max_new_tokens or train_args.max_completion_length, instruction=data_args.instruction,
         system_prompt=data_args.system_prompt, fallback=data_args.fallback, seed=train_args.seed,
         rg_config=data_args.eval_rg_config if data_args.eval_rg_config or not same_task else data_args.rg_config,
-        backend=train_args.rollout_backend,
+        backend=train_args.rollout_backend, calculator=train_args.calculator,
     )
 
 

@@ -106,6 +106,6 @@ class ValidationCallback(TrainerCallback):
 
     def scores(self, backend: Backend, n: int, sampling: Sampling) -> list[float]:
         """0/1 per answer, n answers per problem (problem-major)."""
-        rollouts = backend.generate(self.prompt_ids, n, sampling)
+        rollouts = backend.generate(self.prompt_ids, n, sampling, tool=getattr(self.trainer, "tool", None))
         texts = self.trainer.processing_class.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
         return self.accuracy(completions=texts, answer=[p.answer for p in self.problems for _ in range(n)])

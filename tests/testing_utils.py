@@ -102,3 +102,18 @@ def accelerate(config, port):
     """The documented accelerate forms (on CPU, `--cpu --num_processes 2` would start one process)."""
     return [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", f"configs/accelerate/{config}.yaml",
             "--main_process_port", str(port)]
+
+
+def recorded_rollouts(monkeypatch) -> list[dict]:
+    """Every output of the trainer's rollout function (what TRL trains on), in order, once training has run."""
+    from brep_rl import grpo
+
+    outputs = []
+    real_rollout = grpo.SteeringGRPOTrainer._rollout
+
+    def recording_rollout(self, prompts, trainer):
+        outputs.append(real_rollout(self, prompts, trainer))
+        return outputs[-1]
+
+    monkeypatch.setattr(grpo.SteeringGRPOTrainer, "_rollout", recording_rollout)
+    return outputs

@@ -13,7 +13,7 @@ from brep_rl.steering import SteeringVectors
 BACKENDS = ("auto", "transformers", "llama.cpp")
 
 __all__ = ["BACKENDS", "Backend", "BackendUnavailable", "Rollouts", "Sampling", "Tool", "generate_each", "hash_seed",
-           "stop_token_ids"]
+           "refuse_tool", "stop_token_ids"]
 
 class Tool(Protocol):
     """Something in the generation loop (the Calculator): it may write tokens for a completion."""
@@ -41,6 +41,8 @@ class Rollouts:
     completion_ids: list[list[int]]  # prompt-major, n per prompt; ends with the stop token when one was sampled
     logprobs: list[list[float]] | None  # per sampled token, log softmax(logits / temperature); None if not measured
     seconds: float
+    # per token: 0 if a tool wrote it or restricted its draw, 1 if the policy's own; None without a tool
+    tool_mask: list[list[int]] | None = None
 
 
 class Backend(Protocol):
@@ -50,10 +52,10 @@ class Backend(Protocol):
         """Make the next generations use `steer` as it is now (None or disabled: the base)."""
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling,
-                 seeds: list[int] | None = None) -> Rollouts:
+                 seeds: list[int] | None = None, tool: Tool | None = None) -> Rollouts:
         """`n` completions of every prompt (token ids, no padding). Completion j of prompt p samples from its own
         generator, seeded by (seeds[p], j), or (sampling.seed, p, j) without `seeds` (see sequence_rngs); the
-        global RNG is never touched."""
+        global RNG is never touched. A `tool` in the loop: llama.cpp only (others raise ConfigError)."""
 
     def close(self) -> None:
         """Free what the backend holds outside Python (a no-op where there is nothing)."""
@@ -68,8 +70,7 @@ def generate_each(backend: Backend, prompt_ids: list[list[int]], n: int, samplin
     if hasattr(backend, "generate_each"):
         yield from backend.generate_each(prompt_ids, n, sampling, seeds, running, tool)
         return
-    if tool is not None:
-        raise ConfigError(f"a tool in the loop (--calculator) needs the llama.cpp backend, not {backend.name}")
+    refuse_tool(backend, tool)
     per_call = max(1, running // n)
     for start in range(0, len(prompt_ids), per_call):
         chunk = prompt_ids[start : start + per_call]
@@ -78,6 +79,12 @@ def generate_each(backend: Backend, prompt_ids: list[list[int]], n: int, samplin
             rows = slice(i * n, (i + 1) * n)
             logprobs = out.logprobs[rows] if out.logprobs is not None else None
             yield start + i, Rollouts(out.prompt_ids[rows], out.completion_ids[rows], logprobs, out.seconds / len(chunk))
+
+
+def refuse_tool(backend: Backend, tool: Tool | None) -> None:
+    """For a backend that decodes inside a library call (transformers' generate): no tool can write there."""
+    if tool is not None:
+        raise ConfigError(f"a tool in the loop (--calculator) needs the llama.cpp backend, not {backend.name}")
 
 
 def hash_seed(*parts: object) -> int:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from brep_rl.rollout.base import Rollouts, Sampling, stop_token_ids
+from brep_rl.rollout.base import Rollouts, Sampling, Tool, refuse_tool, stop_token_ids
 from brep_rl.rollout.sampling import sample_token, sequence_rngs
 from brep_rl.steering import SteeringVectors
 
@@ -54,7 +54,8 @@ class TransformersBackend:
         pass
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling,
-                 seeds: list[int] | None = None) -> Rollouts:
+                 seeds: list[int] | None = None, tool: Tool | None = None) -> Rollouts:
+        refuse_tool(self, tool)
         greedy = sampling.temperature <= 0
         rows = prompt_ids if greedy else [p for p in prompt_ids for _ in range(n)]  # greedy copies are identical
         pad = self.tokenizer.pad_token_id

@@ -185,12 +185,13 @@ class LlamaCppBackend:
         return sorted(active, key=slot.__getitem__)
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling,
-                 seeds: list[int] | None = None) -> Rollouts:
+                 seeds: list[int] | None = None, tool: Tool | None = None) -> Rollouts:
         start = time.perf_counter()
-        groups = dict(self.generate_each(prompt_ids, n, sampling, seeds))
+        groups = dict(self.generate_each(prompt_ids, n, sampling, seeds, tool=tool))
         rows = [groups[p] for p in range(len(prompt_ids))]
         return Rollouts([c for r in rows for c in r.prompt_ids], [c for r in rows for c in r.completion_ids],
-                        [lp for r in rows for lp in r.logprobs], time.perf_counter() - start)
+                        [lp for r in rows for lp in r.logprobs], time.perf_counter() - start,
+                        [m for r in rows for m in r.tool_mask] if tool is not None else None)
 
     def generate_each(self, prompt_ids: list[list[int]], n: int, sampling: Sampling, seeds: list[int] | None = None,
                       running: int | None = None, tool: Tool | None = None) -> Iterator[tuple[int, Rollouts]]:
@@ -201,7 +202,7 @@ class LlamaCppBackend:
         `tool` (e.g. the Calculator) sees each completion after every sampled token and may write the next tokens for
         it; a written token is fed like a sampled one, with log-prob 0 (it was certain), and counts toward
         max_new_tokens. The tokens sampled right after a write are drawn from outside `tool.banned(...)`, until it
-        bans nothing."""
+        bans nothing. Rollouts.tool_mask marks both kinds 0 (not the policy's own choice), the rest 1."""
         if not prompt_ids:  # e.g. a resumed evaluation with nothing left to do
             return
         if self.steered is None:
@@ -220,6 +221,7 @@ class LlamaCppBackend:
         logprobs: list[list[float]] = [[] for _ in range(total)]
         written: list[list[int]] = [[] for _ in range(total)]  # tokens the tool wrote, still to be fed
         since_write: list[int | None] = [None] * total  # tokens sampled since the tool's last write ended
+        sampled: list[list[int]] = [[] for _ in range(total)]  # per token: 1 the policy's, 0 the tool's
         left = [n] * len(prompt_ids)  # sequences of each prompt still running
         slot: dict[int, int] = {}  # the llama.cpp sequence id (KV stream) that holds each running sequence's cache
         active: list[int] = []  # running sequences in stream order (streams 0..len-1)
@@ -248,6 +250,7 @@ class LlamaCppBackend:
                 if written[s]:
                     token, logprob = written[s].pop(0), 0.0
                     since_write[s] = 0
+                    sampled[s].append(0)
                 else:
                     logits = next_logits[s]
                     banned = tool.banned(completions[s], since_write[s]) if since_write[s] is not None else None
@@ -259,6 +262,7 @@ class LlamaCppBackend:
                         since_write[s] = None  # the tool bans nothing more after this write
                     token, logprob = sample_token(logits, sampling, rngs[s])
                     written[s] = tool(completions[s] + [token]) if tool is not None else []
+                    sampled[s].append(0 if banned else 1)  # drawn from what the tool allowed: not the policy's own
                 completions[s].append(token)
                 logprobs[s].append(logprob)
                 if token not in self.stop_ids and len(completions[s]) < sampling.max_new_tokens:
@@ -269,8 +273,8 @@ class LlamaCppBackend:
                 if not left[p]:
                     rows = range(p * n, (p + 1) * n)
                     now = time.perf_counter()
-                    yield p, Rollouts([prompt_ids[p]] * n, [completions[r] for r in rows],
-                                      [logprobs[r] for r in rows], now - clock)
+                    yield p, Rollouts([prompt_ids[p]] * n, [completions[r] for r in rows], [logprobs[r] for r in rows],
+                                      now - clock, [sampled[r] for r in rows] if tool is not None else None)
                     clock = now
             active = self._compact(feed, slot, memory)
             if not active:

@@ -8,24 +8,11 @@ import torch
 
 from brep_rl import grpo
 from brep_rl.dynamic_sampling import ScoredGroup, informative_groups
-from testing_utils import grpo_args, rare_hit
+from testing_utils import grpo_args, rare_hit, recorded_rollouts
 
 
 def group(name: str, accuracies: list[float]) -> ScoredGroup:
     return ScoredGroup(rows=[{"id": name}] * len(accuracies), rollout=name, accuracies=accuracies)
-
-
-def recorded_rollouts(monkeypatch) -> list[dict]:
-    """Every output of the trainer's rollout function (what TRL trains on), in order, once training has run."""
-    outputs = []
-    real_rollout = grpo.SteeringGRPOTrainer._rollout
-
-    def recording_rollout(self, prompts, trainer):
-        outputs.append(real_rollout(self, prompts, trainer))
-        return outputs[-1]
-
-    monkeypatch.setattr(grpo.SteeringGRPOTrainer, "_rollout", recording_rollout)
-    return outputs
 
 
 def test_groups_without_signal_are_replaced_by_fresh_informative_ones():

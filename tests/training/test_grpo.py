@@ -11,8 +11,9 @@ from brep_rl.errors import ConfigError
 from brep_rl.grpo import SteeringDisabled, SteeringGRPOConfig, check_sampling
 from brep_rl.grpo import main as grpo_main
 from brep_rl.rollout import BackendUnavailable
+from brep_rl.rollout.calculator import calculate
 from reward import guarded, reward_failures
-from testing_utils import CHAIN, ROOT, edit_records, grpo_args, sft_args
+from testing_utils import CHAIN, ROOT, edit_records, grpo_args, recorded_rollouts, sft_args
 
 
 def test_grpo_trains_only_the_vectors_within_the_radius(tiny_model_dir, tmp_path):
@@ -165,6 +166,48 @@ def test_grpo_with_llama_cpp_rollouts_on_smollm2(tmp_path):
     assert saved["bias"].abs().max() > 0 and torch.allclose(pushed, saved["bias"])  # the last step's vectors, pushed
     summary = json.loads((out / "eval" / "summary.json").read_text())
     assert summary["settings"]["backend"] == "llama.cpp" and summary["models"]["base"]["problems"] == 4
+
+
+@pytest.mark.slow
+def test_grpo_with_the_calculator_trains_only_on_what_the_policy_wrote(tmp_path, monkeypatch):
+    """Rollouts with the calculator in the loop: the results it wrote reach TRL as env_mask 0 (out of the loss)."""
+    rollouts = recorded_rollouts(monkeypatch)
+    out = tmp_path / "run"
+    # the GSM8K SFT vectors write "16 * 3 = 48"-style lines within a few tokens
+    trainer = grpo_main(["--model", "smollm2-135m", "--init_from", str(ROOT / "artifacts" / "smollm2-gsm8k"),
+                         "--task", "gsm8k", "--split", "fit", "--limit", "8", "--rollout_backend", "llama.cpp",
+                         "--calculator", "true", "--per_device_train_batch_size", "8", "--num_generations", "2",
+                         "--max_completion_length", "40", "--max_steps", "2", "--save_steps", "2", "--learning_rate",
+                         "0.001", "--eval_limit", "0", "--output_dir", str(out), "--disable_tqdm", "true",
+                         "--temperature", "0.7", "--logging_steps", "1"])
+    tokenizer = trainer.processing_class
+    writes = 0
+    for output in rollouts:
+        for ids, mask in zip(output["completion_ids"], output["env_mask"]):
+            assert len(mask) == len(ids)
+            for start in (i for i, m in enumerate(mask) if m == 0 and (i == 0 or mask[i - 1])):
+                end = next((i for i in range(start, len(mask)) if mask[i]), len(mask))
+                before = tokenizer.decode(ids[:start])
+                assert before.endswith("=")  # written right after an expression and "="
+                result = calculate(before[: before.rfind("=")].rsplit("\n", 1)[-1])
+                # the masked run: the result, then the one or two draws the tool restricted (no digit running on)
+                run = tokenizer.decode(ids[start:end]).lstrip(" ")
+                if end == len(ids) and len(run) <= len(result):  # cut by max_completion_length
+                    assert result.startswith(run)
+                else:
+                    assert run.startswith(result) and not run[len(result):].lstrip(".,")[:1].isdigit()
+                writes += 1
+    assert writes >= 3
+    # TRL counted only the policy's own tokens: it received the masks
+    logs = [entry for entry in trainer.state.log_history if "completions/mean_length" in entry]
+    assert [entry["completions/mean_length"] for entry in logs] == pytest.approx(
+        [sum(map(sum, output["env_mask"])) / len(output["env_mask"]) for output in rollouts])
+    assert all(entry["rollout/logp_diff_mean"] < 0.01 for entry in logs)  # written tokens left out of the comparison
+
+
+def test_the_calculator_needs_llama_cpp_rollouts(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="--calculator writes into the rollouts"):
+        grpo_main(grpo_args(tiny_model_dir, tmp_path / "a", "--calculator", "true", "--rollout_backend", "transformers"))
 
 
 def test_llama_cpp_rollouts_refuse_what_they_cannot_do(tiny_model_dir, tmp_path):
