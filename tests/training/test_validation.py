@@ -45,7 +45,7 @@ class ScriptedBackend:
     def sync(self, steer):
         pass
 
-    def generate(self, prompt_ids, n, sampling):
+    def generate(self, prompt_ids, n, sampling, seeds=None, tool=None):
         texts = self.script[sampling.temperature]
         assert len(texts) == len(prompt_ids) * n
         ids = [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
