@@ -65,10 +65,9 @@ class RecordStore:
             return
         output.mkdir(parents=True, exist_ok=True)
         if self.run_file.is_file():
-            previous = json.loads(self.run_file.read_text())
             # a setting added after the run was written is taken at its default (what that run did)
             defaults = {f.name: f.default for f in dataclasses.fields(settings)}
-            previous = {k: previous.get(k, defaults.get(k)) for k in self.run} | previous
+            previous = defaults | json.loads(self.run_file.read_text())
             changed = {k: (previous.get(k), v) for k, v in self.run.items() if k != "artifacts" and previous.get(k) != v}
             if changed:
                 details = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())

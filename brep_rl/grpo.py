@@ -96,7 +96,7 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
     def __init__(self, model, steer: SteeringVectors, args: SteeringGRPOConfig, backend: Backend | None = None,
                  accuracy_reward=None, curriculum: Curriculum | None = None, curriculum_rows=None, **kwargs):
         own_loop = backend is None or (isinstance(backend, TransformersBackend) and not args.dynamic_sampling)
-        if args.calculator and (own_loop or isinstance(backend, TransformersBackend)):
+        if args.calculator and (backend is None or isinstance(backend, TransformersBackend)):
             raise ConfigError("--calculator writes into the rollouts as they are sampled: it needs --rollout_backend "
                               "llama.cpp (or auto with a GGUF base and llama-cpp-python installed)")
         if args.dynamic_sampling and (backend is None or accuracy_reward is None):

@@ -7,13 +7,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from brep_rl.errors import BackendUnavailable, ConfigError
+from brep_rl.errors import BackendUnavailable
 from brep_rl.steering import SteeringVectors
 
 BACKENDS = ("auto", "transformers", "llama.cpp")
 
 __all__ = ["BACKENDS", "Backend", "BackendUnavailable", "Rollouts", "Sampling", "Tool", "generate_each", "hash_seed",
-           "refuse_tool", "stop_token_ids"]
+           "stop_token_ids"]
+
 
 class Tool(Protocol):
     """Something in the generation loop (the Calculator): it may write tokens for a completion."""
@@ -70,21 +71,14 @@ def generate_each(backend: Backend, prompt_ids: list[list[int]], n: int, samplin
     if hasattr(backend, "generate_each"):
         yield from backend.generate_each(prompt_ids, n, sampling, seeds, running, tool)
         return
-    refuse_tool(backend, tool)
     per_call = max(1, running // n)
     for start in range(0, len(prompt_ids), per_call):
         chunk = prompt_ids[start : start + per_call]
-        out = backend.generate(chunk, n, sampling, seeds[start : start + per_call])
+        out = backend.generate(chunk, n, sampling, seeds[start : start + per_call], tool)
         for i in range(len(chunk)):
             rows = slice(i * n, (i + 1) * n)
             logprobs = out.logprobs[rows] if out.logprobs is not None else None
             yield start + i, Rollouts(out.prompt_ids[rows], out.completion_ids[rows], logprobs, out.seconds / len(chunk))
-
-
-def refuse_tool(backend: Backend, tool: Tool | None) -> None:
-    """For a backend that decodes inside a library call (transformers' generate): no tool can write there."""
-    if tool is not None:
-        raise ConfigError(f"a tool in the loop (--calculator) needs the llama.cpp backend, not {backend.name}")
 
 
 def hash_seed(*parts: object) -> int:

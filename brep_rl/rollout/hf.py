@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from brep_rl.rollout.base import Rollouts, Sampling, Tool, refuse_tool, stop_token_ids
+from brep_rl.errors import ConfigError
+from brep_rl.rollout.base import Rollouts, Sampling, Tool, stop_token_ids
 from brep_rl.rollout.sampling import sample_token, sequence_rngs
 from brep_rl.steering import SteeringVectors
 
@@ -55,7 +56,8 @@ class TransformersBackend:
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling,
                  seeds: list[int] | None = None, tool: Tool | None = None) -> Rollouts:
-        refuse_tool(self, tool)
+        if tool is not None:  # generate decodes inside transformers: nothing can write between its tokens
+            raise ConfigError(f"a tool in the loop (--calculator) needs the llama.cpp backend, not {self.name}")
         greedy = sampling.temperature <= 0
         rows = prompt_ids if greedy else [p for p in prompt_ids for _ in range(n)]  # greedy copies are identical
         pad = self.tokenizer.pad_token_id

@@ -247,10 +247,10 @@ class LlamaCppBackend:
                     waiting += 1
             feed = []
             for s in active:
-                if written[s]:
+                from_tool, banned = bool(written[s]), None
+                if from_tool:
                     token, logprob = written[s].pop(0), 0.0
                     since_write[s] = 0
-                    sampled[s].append(0)
                 else:
                     logits = next_logits[s]
                     banned = tool.banned(completions[s], since_write[s]) if since_write[s] is not None else None
@@ -261,10 +261,12 @@ class LlamaCppBackend:
                     else:
                         since_write[s] = None  # the tool bans nothing more after this write
                     token, logprob = sample_token(logits, sampling, rngs[s])
-                    written[s] = tool(completions[s] + [token]) if tool is not None else []
-                    sampled[s].append(0 if banned else 1)  # drawn from what the tool allowed: not the policy's own
                 completions[s].append(token)
                 logprobs[s].append(logprob)
+                if tool is not None:
+                    sampled[s].append(0 if from_tool or banned else 1)  # a restricted draw is not the policy's own
+                    if not from_tool:
+                        written[s] = tool(completions[s])
                 if token not in self.stop_ids and len(completions[s]) < sampling.max_new_tokens:
                     feed.append(s)
                     continue
