@@ -4,7 +4,7 @@ chooses what to compute; the tool makes the computation right. A small model's G
 a solution with wrong arithmetic in it ("16 * 3 = 46"), which this takes out of the measurement.
 
 What is computed: numbers (digits, a decimal point, thousands commas, a `$` before, a `%` after: 50% is 0.5),
-`+ - * /`, `x` or `×` for times, `÷`, `of` (25% of 80), parentheses, on the line before the `=`. A number may carry a
+`+ - * /`, a minus on the first number or after a parenthesis, `x` or `×` for times, `÷`, `of` (25% of 80), parentheses, on the line before the `=`. A number may carry a
 unit of up to three words (`16 eggs per day * 3 days`, `$10/hour * 45 hours`): small models write GSM8K's arithmetic
 that way, and the units are read past, not checked. Anything else (a single number, a word where a number should
 be, a division by zero) leaves the completion to the model.
@@ -19,9 +19,10 @@ import re
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 _NUMBER = r"\$?\d[\d,]*(?:\.\d+)?%?"
 _UNIT = r"(?:\s+(?!(?:x|of)\b)(?:per\s+)?[A-Za-z][A-Za-z'’]*|/[A-Za-z]+)"  # " eggs", " per day", "/hour"
-_TERM = rf"\(*{_NUMBER}\)*{_UNIT}{{0,3}}"
+_TERM = rf"\(*(?:(?<=\()-)?{_NUMBER}\)*{_UNIT}{{0,3}}"
 _OPERATOR = r"\s*(?:[-+*/×÷]|\bx\b|\bof\b)\s*"
-_EXPRESSION = re.compile(rf"(?:{_TERM}{_OPERATOR})+{_TERM}\s*$")  # the longest one that ends the line
+_SIGN = r"(?:(?<![^\s(])-)?"  # a minus on the first number ("-3 + 5"), not a dash between words ("apples - 3")
+_EXPRESSION = re.compile(rf"{_SIGN}(?:{_TERM}{_OPERATOR})+{_TERM}\s*$")  # the longest one that ends the line
 _PIECE = re.compile(r"\d[\d,]*(?:\.\d+)?%?|[-+*/×÷()]|\bx\b|\bof\b")
 _SYMBOLS = {"x": "*", "×": "*", "÷": "/", "of": "*"}
 

@@ -12,6 +12,10 @@ from brep_rl.rollout.calculator import calculate
     ("(5+3)*2", "16"),
     ("12.5/5", "2.5"),
     ("Step 2: 5 - 8 ", "-3"),  # the step number is not part of the expression
+    ("-3 + 5 ", "2"),
+    ("The change is -3 + 5 ", "2"),
+    ("(-4 + 10) * 2 ", "12"),
+    ("She had apples - 3 + 5 ", "8"),  # a dash between words is not a sign
     ("$2 x 9 ", "18"),
     ("10 ÷ 4 × 3 ", "7.5"),
     ("Total cost: $1,250 + $300 + 25.5 ", "1575.5"),
