@@ -13,7 +13,6 @@ resumes). Run it alone: it uses every core.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import defaultdict
@@ -25,7 +24,7 @@ from report import write
 from brep_rl import load_base
 from brep_rl.arguments import EvalSettings
 from brep_rl.data import Problem, chain_sum_kind, json_mapping, load_task
-from brep_rl.evaluate import evaluate
+from brep_rl.evaluate import evaluate, read_records
 from brep_rl.metrics import pass_at_k
 
 
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         output = Path("runs/headroom") / f"{args.name}-T{temperature}"
         start = time.perf_counter()
         evaluate(model, tokenizer, settings, args.steering, [1.0], output, problems=problems)
-        records = [json.loads(line) for line in (output / "samples.jsonl").read_text().splitlines()]
+        records = read_records(output / "samples.jsonl")
         rows += [{"temperature": temperature, **row} for row in pass_at_ks(records, ks, tiers)]
         print(f"T={temperature}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
     write(f"headroom-{args.name}", f"Headroom: pass@k on {args.task} ({args.split}, n={len(problems)}, "

@@ -52,6 +52,18 @@ class Variant:
     layers: list[int] | None = None  # None: all of the artifact's layers
 
 
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a samples.jsonl, in order. A line cut short by a kill is dropped with a warning: a resumed
+    eval generates its sample again."""
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("%s:%d: incomplete record dropped", path, number)
+    return records
+
+
 class RecordStore:
     """samples.jsonl: one JSON line per (model, problem, sample); read back on resume."""
 
@@ -75,17 +87,10 @@ class RecordStore:
             self.run["artifacts"] = previous.get("artifacts", {})
         write_json(self.run_file, self.run)
         if self.path.is_file():
+            records = read_records(self.path)
+            self.records = {(r["model"], r["problem_id"], r["sample"]): r for r in records}
             text = self.path.read_text()
-            dropped = 0
-            for number, line in enumerate(text.splitlines(), 1):
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a kill; its sample is generated again
-                    logger.warning("%s:%d: incomplete record dropped", self.path, number)
-                    dropped += 1
-                    continue
-                self.records[(record["model"], record["problem_id"], record["sample"])] = record
-            if dropped or (text and not text.endswith("\n")):
+            if len(records) < len(text.splitlines()) or (text and not text.endswith("\n")):
                 # rewrite without the broken line, so new records are not appended onto it
                 write_jsonl(self.path, self.records.values())
 
@@ -137,11 +142,7 @@ def failed_problems(problems: list[Problem], run: Path, label: str | None, task:
             raise ConfigError(f"{run} holds {len(steered)} steered models ({', '.join(steered) or 'none'}): name one")
         label = steered[0]
     right: dict[str, bool] = {}
-    for number, line in enumerate(samples.read_text().splitlines(), 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise ConfigError(f"{samples}:{number}: not a JSON record") from None
+    for record in read_records(samples):
         if record["model"] == label:
             right[record["problem_id"]] = right.get(record["problem_id"], False) or record["correct"]
     if not right:

@@ -26,7 +26,7 @@ import yaml
 from brep_rl.arguments import EvalSettings
 from brep_rl.checkpoints import checkpoint_step, checkpoints, last_checkpoint, read_step_log
 from brep_rl.errors import UserError
-from brep_rl.evaluate import BASE, evaluate
+from brep_rl.evaluate import BASE, evaluate, read_records
 from brep_rl.files import write_json
 from brep_rl.metrics import accuracy_interval, paired_difference
 from brep_rl.model import load_base
@@ -223,11 +223,8 @@ class Evaluator:
     @staticmethod
     def _read(folder: Path, label: str, summary: dict[str, Any]) -> list[bool]:
         """The label's per-problem correctness, in the order of the summary's problems (greedy: one sample each)."""
-        records = {}
-        for line in (folder / "samples.jsonl").read_text().splitlines():
-            r = json.loads(line)
-            if r["model"] == label:
-                records[r["problem_id"]] = bool(r["correct"])
+        records = {r["problem_id"]: bool(r["correct"]) for r in read_records(folder / "samples.jsonl")
+                   if r["model"] == label}
         order = summary["problem_ids"]
         return [records[pid] for pid in order]
 

@@ -272,3 +272,7 @@ def test_failed_problems_are_those_the_model_got_wrong_in_every_sample(tiny_llam
         _mark_right(run, "vec", problem_id)
     with pytest.raises(ConfigError, match="got every training problem it was evaluated on right"):
         failed_problems(PROBLEMS, run, "vec", task)
+    with (run / "samples.jsonl").open("a") as f:
+        f.write('{"model": "vec", "problem_id": "p0", "sam')  # an eval killed mid-line: read as a resume would
+    with pytest.raises(ConfigError, match="got every training problem it was evaluated on right"):
+        failed_problems(PROBLEMS, run, "vec", task)
