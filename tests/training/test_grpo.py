@@ -100,11 +100,15 @@ def test_grpo_starts_from_sft_vectors(tiny_model_dir, tmp_path):
     from brep_rl.sft import main as sft_main
 
     sft = sft_main(sft_args(tiny_model_dir, tmp_path / "sft", "--max_steps", "2"))
+    config_file = tmp_path / "sft" / "steering_config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"base_model": "/elsewhere/model"}))
     mix = {"rg:basic_arithmetic": {"limit": 3, "rg_config": {"min_digits": 1, "max_digits": 1}}}
     grpo = grpo_main(grpo_args(tiny_model_dir, tmp_path / "grpo", "--init_from", str(tmp_path / "sft"), "--learning_rate", "0",
                                "--max_steps", "1", "--radius", "1.0", "--mix", json.dumps(mix)))
     assert torch.equal(grpo.steer.bias, sft.steer.bias) and torch.equal(grpo.steer.prefix, sft.steer.prefix)  # lr 0: kept
-    provenance = json.loads((tmp_path / "grpo" / "steering_config.json").read_text())["provenance"]
+    saved = json.loads((tmp_path / "grpo" / "steering_config.json").read_text())
+    assert saved["base_model"] == str(tiny_model_dir)  # the base this run loaded, not the SFT artifact's old path
+    provenance = saved["provenance"]
     assert provenance["stage"] == "grpo" and provenance["previous"]["stage"] == "sft"
     assert provenance["init_from"] == str(tmp_path / "sft")
     assert provenance["mix"] == mix and len(grpo.train_dataset) == 40 + 3  # the mixed task's problems are trained on
