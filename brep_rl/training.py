@@ -57,7 +57,6 @@ def load_for_training(model_args: ModelArguments, steer_args: SteeringArguments,
         # keep the restraint asked for now; the artifact's own is its training history
         steer.config.radius, steer.config.radius_relative, steer.config.penalty = steer_args.radius, steer_args.radius_relative, steer_args.penalty
         steer.config.provenance = {"init_from": steer_args.init_from, "previous": steer.config.provenance}
-        steer.config.base_model = model.name_or_path  # its weights matched the fingerprint; not another machine's path
     else:
         steer = SteeringVectors.attach(model, steer_args.to_config(model.config.num_hidden_layers))
     if steer.config.radius_relative and steer.config.site_norms is None:

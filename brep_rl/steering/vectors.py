@@ -81,12 +81,15 @@ class SteeringVectors(nn.Module):
         check_fits(config, model, strict)
 
         cfg = model.config
-        config.base_model = config.base_model or getattr(model, "name_or_path", None) or getattr(cfg, "_name_or_path", None)
+        name = getattr(model, "name_or_path", None) or getattr(cfg, "_name_or_path", None)
         config.hidden_size, config.num_hidden_layers = cfg.hidden_size, cfg.num_hidden_layers
         config.model_type = cfg.model_type
         config.layers = ids
-        if strict or config.base_fingerprint is None:
+        if strict or config.base_fingerprint is None:  # the weights are this model's: named as it was loaded here
+            config.base_model = name or config.base_model
             config.base_fingerprint = base_fingerprint(model)
+        else:  # other weights accepted: the artifact keeps naming the base it was made for
+            config.base_model = config.base_model or name
 
         freeze(model)
         device = next(model.parameters()).device
