@@ -52,11 +52,11 @@ class Variant:
     layers: list[int] | None = None  # None: all of the artifact's layers
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of a samples.jsonl, in order. A line cut short by a kill is dropped with a warning: a resumed
-    eval generates its sample again."""
+def read_records(path: Path, text: str | None = None) -> list[dict[str, Any]]:
+    """The records of a samples.jsonl (its `text` when already read), in order. A line cut short by a kill is dropped
+    with a warning: a resumed eval generates its sample again."""
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate((path.read_text() if text is None else text).splitlines(), 1):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
@@ -87,9 +87,9 @@ class RecordStore:
             self.run["artifacts"] = previous.get("artifacts", {})
         write_json(self.run_file, self.run)
         if self.path.is_file():
-            records = read_records(self.path)
-            self.records = {(r["model"], r["problem_id"], r["sample"]): r for r in records}
             text = self.path.read_text()
+            records = read_records(self.path, text)
+            self.records = {(r["model"], r["problem_id"], r["sample"]): r for r in records}
             if len(records) < len(text.splitlines()) or (text and not text.endswith("\n")):
                 # rewrite without the broken line, so new records are not appended onto it
                 write_jsonl(self.path, self.records.values())
