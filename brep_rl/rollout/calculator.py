@@ -5,9 +5,10 @@ a solution with wrong arithmetic in it ("16 * 3 = 46"), which this takes out of 
 
 What is computed: numbers (digits, a decimal point, thousands commas, a `$` before, a `%` after: 50% is 0.5),
 `+ - * /`, a minus on the first number or after a parenthesis, `x` or `×` for times, `÷`, `of` (25% of 80),
-parentheses, on the line before the `=`. A number may carry a unit of up to three words (`16 eggs per day * 3 days`, `$10/hour * 45 hours`): small models write GSM8K's arithmetic
-that way, and the units are read past, not checked. Anything else (a single number, a word where a number should
-be, a division by zero) leaves the completion to the model.
+parentheses, on the line before the `=`. A number may carry a unit of up to three words (`16 eggs per day * 3 days`,
+`$10/hour * 45 hours`): small models write GSM8K's arithmetic that way, and the units are read past, not checked.
+Anything else (a single number, a word where a number should be, a division by zero) leaves the completion to the
+model.
 """
 
 from __future__ import annotations
