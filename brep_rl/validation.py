@@ -1,7 +1,7 @@
 """Validation during training: every N optimizer steps, greedy accuracy of the current vectors on held-out problems,
 through the rollout backend, and with --validation_samples k also pass@k of k sampled answers (the share of problems
-some sample gets right: where GRPO can find a signal); `validation.jsonl` gets (step, accuracy, pass@k, wall-clock
-seconds) and the best vectors so far by --validation_pick are saved to `output_dir/best` (the checkpoint a long run
+some sample gets right: where GRPO can find a signal); `validation.jsonl` gets (step, accuracy, the share of greedy
+answers in the final-answer format, pass@k, wall-clock seconds) and the best vectors so far by --validation_pick are saved to `output_dir/best` (the checkpoint a long run
 should be judged by, chosen without the test split). A LoRA reference run validates the same way, its adapter kept.
 """
 
@@ -18,7 +18,7 @@ from brep_rl.checkpoints import StepLog
 from brep_rl.data import Problem, chat_prompt_ids
 from brep_rl.metrics import pass_at_k
 from brep_rl.rollout import Backend, Sampling, TransformersBackend, hash_seed
-from reward import reward_function
+from reward import has_final_answer_format, reward_function
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ class ValidationCallback(TrainerCallback):
         best = max((previous[metric] for previous in self.log.rows.values()), default=-1.0)
         seconds = self.elapsed_before + time.perf_counter() - self.started
         self.log.record(state.global_step, {**row, "n": len(self.problems), "seconds": round(seconds, 1)})
-        line = f"validation at step {state.global_step}: {row['accuracy']:.1%} of {len(self.problems)} (greedy)"
+        line = (f"validation at step {state.global_step}: {row['accuracy']:.1%} of {len(self.problems)} (greedy), "
+                f"format {row['format']:.0%}")
         if self.samples:
             line += f", pass@{self.samples} {row['pass@k']:.1%} (per sample {row['sample_accuracy']:.1%})"
         if row[metric] > best:
@@ -85,7 +86,7 @@ class ValidationCallback(TrainerCallback):
         steer.save_pretrained(directory)
 
     def measure(self) -> dict[str, float]:
-        """Greedy accuracy; with samples, pass@k (k = samples) and the accuracy per sample too."""
+        """Greedy accuracy and format rate; with samples, pass@k (k = samples) and the accuracy per sample too."""
         backend = self.backend or TransformersBackend(self.trainer.accelerator.unwrap_model(self.trainer.model),
                                                       self.trainer.processing_class)
         backend.sync(getattr(self.trainer, "steer", None))  # the vectors as they are after this step
@@ -93,9 +94,11 @@ class ValidationCallback(TrainerCallback):
         was_training = model.training
         model.eval()
         try:
-            row = {"accuracy": sum(self.scores(backend, 1, self.sampling)) / len(self.problems)}
+            scores, texts = self.scores(backend, 1, self.sampling)
+            row = {"accuracy": sum(scores) / len(self.problems),
+                   "format": sum(map(has_final_answer_format, texts)) / len(self.problems)}
             if self.samples:
-                scores = self.scores(backend, self.samples, self.sampled)
+                scores, _ = self.scores(backend, self.samples, self.sampled)
                 groups = [scores[i:i + self.samples] for i in range(0, len(scores), self.samples)]
                 row["k"] = self.samples
                 row["pass@k"] = sum(pass_at_k(self.samples, sum(g), self.samples) for g in groups) / len(groups)
@@ -104,8 +107,8 @@ class ValidationCallback(TrainerCallback):
             model.train(was_training)
         return row
 
-    def scores(self, backend: Backend, n: int, sampling: Sampling) -> list[float]:
-        """0/1 per answer, n answers per problem (problem-major)."""
+    def scores(self, backend: Backend, n: int, sampling: Sampling) -> tuple[list[float], list[str]]:
+        """(0/1 per answer, the answers), n answers per problem (problem-major)."""
         rollouts = backend.generate(self.prompt_ids, n, sampling, tool=getattr(self.trainer, "tool", None))
         texts = self.trainer.processing_class.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
-        return self.accuracy(completions=texts, answer=[p.answer for p in self.problems for _ in range(n)])
+        return self.accuracy(completions=texts, answer=[p.answer for p in self.problems for _ in range(n)]), texts

@@ -34,7 +34,7 @@ def test_saved_adapter_merges_into_the_base(tmp_path, tiny_model_dir):
 
 def test_validation_keeps_the_adapter_of_the_best_step(tmp_path, tiny_model_dir, monkeypatch):
     scripted = iter([0.1, 0.5, 0.3])  # steps 0, 1, 2: step 1 is the best
-    monkeypatch.setattr(ValidationCallback, "measure", lambda self: {"accuracy": next(scripted)})
+    monkeypatch.setattr(ValidationCallback, "measure", lambda self: {"accuracy": next(scripted), "format": 1.0})
     out = tmp_path / "lora"
     main(["--model", str(tiny_model_dir), "--task", "rg:chain_sum", "--rg_config", CHAIN, "--limit", "40",
           "--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "6",

@@ -53,24 +53,25 @@ class ScriptedBackend:
 
 
 @pytest.mark.parametrize("pick", ["accuracy", "pass@k"])
-def test_validation_logs_pass_at_k_and_keeps_the_best_by_the_metric_picked(pick, tiny_llama, tokenizer, tmp_path):
+def test_validation_logs_format_and_pass_at_k_and_keeps_the_best_by_the_metric_picked(pick, tiny_llama, tokenizer, tmp_path):
     problems = [Problem("a", "1 + 0 = ?", "1"), Problem("b", "1 + 1 = ?", "2")]
     steer = SteeringVectors.attach(tiny_llama, SteeringConfig(mode="bias"))
     trainer = SimpleNamespace(steer=steer, model=tiny_llama, processing_class=tokenizer, provenance=dict,
                               args=SimpleNamespace(output_dir=str(tmp_path), seed=0))
     args = ValidationArguments(validation_steps=1, validation_samples=3, validation_temperature=1.0,
                                validation_pick=pick)
-    steps = [  # step 1: greedy right on both, one sample right; step 2: greedy right on one, some sample on both
+    steps = [  # step 1: greedy right on both, one sample right; step 2: greedy right on one (the other unformatted),
+        # some sample right on both
         ScriptedBackend(tokenizer, ["#### 1", "#### 2"], ["#### 1", "#### 0", "#### 0", "#### 0", "#### 0", "#### 0"]),
-        ScriptedBackend(tokenizer, ["#### 1", "#### 0"], ["#### 0", "#### 1", "#### 0", "#### 2", "#### 2", "#### 0"]),
+        ScriptedBackend(tokenizer, ["#### 1", "so 0"], ["#### 0", "#### 1", "#### 0", "#### 2", "#### 2", "#### 0"]),
     ]
     callback = ValidationCallback(trainer, problems, args, None, None, "last_number", steps[0])
     for step, backend in enumerate(steps, 1):
         callback.backend = backend
         callback.validate(trainer.args, SimpleNamespace(global_step=step))
     rows = [json.loads(line) for line in (tmp_path / "validation.jsonl").read_text().splitlines()]
-    assert [(r["accuracy"], r["pass@k"], round(r["sample_accuracy"], 3), r["k"]) for r in rows] == [
-        (1.0, 0.5, 0.167, 3), (0.5, 1.0, 0.5, 3)]
+    assert [(r["accuracy"], r["format"], r["pass@k"], round(r["sample_accuracy"], 3), r["k"]) for r in rows] == [
+        (1.0, 1.0, 0.5, 0.167, 3), (0.5, 0.5, 1.0, 0.5, 3)]
     config, _ = read_artifact(tmp_path / "best")
     assert config.provenance["validation_pass@k"] == (0.5 if pick == "accuracy" else 1.0)
 
