@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from brep_rl import SteeringVectors, load_base
 from brep_rl.cli import main as brep_rl
-from brep_rl.steering import WEIGHTS_NAME
+from brep_rl.steering import WEIGHTS_NAME, relative_difference
 
 STEPS = 4
 GSM8K = ["--task", "gsm8k", "--limit", "24", "--mode", "bias+prefix", "--radius", "0.05",
@@ -50,10 +50,6 @@ def verb(device: str, *argv: str) -> None:
     if gpu and peak == 0:
         sys.exit(f"FAIL brep-rl {' '.join(argv)} never used the GPU")
     print(f"ok   brep-rl {argv[0]:<5} {time.perf_counter() - start:5.1f} s, GPU peak {peak:7.1f} MiB")
-
-
-def relative_difference(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
-    return max(float(((got[k] - w).norm(dim=-1) / w.norm(dim=-1).clamp_min(1e-12)).max()) for k, w in want.items())
 
 
 def check(condition: bool, message: str) -> None:
@@ -79,7 +75,7 @@ def check_dtype(model: str, out: Path, dtype: str, device: str) -> None:
     shutil.rmtree(resumed / f"checkpoint-{STEPS}")
     verb(device, "grpo", *grpo, "--output_dir", str(resumed), "--resume_from_checkpoint", "last")
     uninterrupted = load_file(whole / WEIGHTS_NAME)
-    difference = relative_difference(load_file(resumed / WEIGHTS_NAME), uninterrupted)
+    difference = max(relative_difference(load_file(resumed / WEIGHTS_NAME), uninterrupted).values())
     moved = uninterrupted["bias"].abs().sum() > 0
     check(moved and difference <= 1e-2, f"GRPO resumed from step 2 ends where the whole run ends (max relative "
           f"difference per vector {difference:.1e})")

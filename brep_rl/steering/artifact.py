@@ -142,6 +142,15 @@ def check_fits(config: SteeringConfig, model: nn.Module, strict: bool = True) ->
         )
 
 
+def relative_difference(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per vector name, the largest per-layer ||got - want|| / ||want||: how far two sets of vectors (a resumed run
+    and an uninterrupted one, two machines) are apart, on a scale that does not depend on the vectors' size."""
+    if got.keys() != want.keys():
+        raise ValueError(f"relative_difference: vectors {sorted(got)} vs {sorted(want)}")
+    return {name: float(((got[name].float() - w.float()).norm(dim=-1) / w.float().norm(dim=-1).clamp_min(1e-12)).max())
+            for name, w in want.items()}
+
+
 def describe_artifact(directory: str | Path, as_json: bool = False) -> str:
     """A readable summary of a saved artifact: its config and the per-layer norms of each vector."""
     config, tensors = read_artifact(directory)

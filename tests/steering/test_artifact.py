@@ -97,3 +97,16 @@ def test_tensors_that_do_not_fit_the_config_are_refused(tmp_path, tiny_llama):
     with pytest.raises(ArtifactError, match="expected tensors .*'prefix'.* got"):
         SteeringVectors.from_pretrained(tmp_path / "vec", tiny_llama)
     assert not hasattr(tiny_llama, "brep_steering")
+
+
+def test_relative_difference_is_the_worst_layer_scaled_by_its_own_norm():
+    from brep_rl.steering import relative_difference
+
+    want = {"bias": torch.tensor([[3.0, 4.0], [0.0, 10.0]]), "prefix": torch.ones(2, 2)}
+    got = {"bias": torch.tensor([[3.0, 4.5], [0.0, 10.0]]), "prefix": torch.ones(2, 2)}
+    # layer 0 is off by 0.5 on a norm of 5 (0.1); layer 1, off by the same 0.5, would be 0.05
+    got_far = {**got, "bias": torch.tensor([[3.0, 4.5], [0.0, 10.5]])}
+    assert relative_difference(got, want) == pytest.approx({"bias": 0.1, "prefix": 0.0})
+    assert relative_difference(got_far, want)["bias"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="vectors"):
+        relative_difference({"bias": want["bias"]}, want)
