@@ -6,7 +6,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export DS_ACCELERATOR := cpu
 
-.PHONY: setup lint test test-fast demo bench evidence evidence-stepwise chain-sum-failures evidence-issue8 gsm8k
+.PHONY: setup lint test test-fast demo bench evidence evidence-stepwise chain-sum-failures evidence-issue8 gsm8k gsm8k-format
 
 setup:
 	@bash scripts/setup.sh
@@ -59,3 +59,12 @@ gsm8k: setup
 	@.venv/bin/brep-rl sft --config configs/gsm8k/sft.yaml --overwrite_output_dir true
 	@.venv/bin/brep-rl eval --task gsm8k --split test --limit 1319 --batch_size 64 --max_new_tokens 256 \
 		--steering runs/gsm8k_sft/best --output runs/gsm8k_test
+
+# Issue #17's format target: GRPO from artifacts/smollm2-gsm8k that rewards the `#### N` format as much as a right
+# answer, calculator in the rollouts (48 steps, ~75 min on 2 CPU cores), then its last step on all of GSM8K test with
+# the calculator, beside the base and the SFT pick (~15 min per steered variant, ~25-45 for the base). Both resume.
+# artifacts/smollm2-gsm8k-grpo-format is the runs/gsm8k_grpo_format/checkpoint-48 this writes.
+gsm8k-format: setup
+	@.venv/bin/brep-rl grpo --config configs/gsm8k/grpo_format.yaml --resume_from_checkpoint last
+	@.venv/bin/brep-rl eval --task gsm8k --split test --limit 1319 --batch_size 64 --max_new_tokens 256 --calculator true \
+		--steering artifacts/smollm2-gsm8k --steering runs/gsm8k_grpo_format/checkpoint-48 --output runs/gsm8k_test_format
