@@ -1,8 +1,9 @@
 """Validation during training: every N optimizer steps, greedy accuracy of the current vectors on held-out problems,
 through the rollout backend, and with --validation_samples k also pass@k of k sampled answers (the share of problems
 some sample gets right: where GRPO can find a signal); `validation.jsonl` gets (step, accuracy, the share of greedy
-answers in the final-answer format, pass@k, wall-clock seconds) and the best vectors so far by --validation_pick are saved to `output_dir/best` (the checkpoint a long run
-should be judged by, chosen without the test split). A LoRA reference run validates the same way, its adapter kept.
+answers in the final-answer format, pass@k, wall-clock seconds) and the best vectors so far by --validation_pick are
+saved to `output_dir/best` (the checkpoint a long run should be judged by, chosen without the test split). A LoRA
+reference run validates the same way, its adapter kept.
 """
 
 from __future__ import annotations
