@@ -192,6 +192,9 @@ class GRPODataArguments(TaskArguments):
     rewards: list[str] = field(default_factory=lambda: ["accuracy"], metadata={
         "help": "reward functions by name (reward/registry.py: accuracy, format) or module:function; weights in --reward_weights"})
     format_reward_weight: float = field(default=0.0, metadata={"help": "shorthand: adds the format reward with this weight"})
+    solutions: Literal["reference", "scratchpad", "stepwise"] = field(default="reference", metadata={
+        "help": "the worked solutions --demonstrations and --hint_share give: the task's own, or for sums (chain_sum) "
+                "the scratchpads of brep-rl sft --solutions scratchpad / stepwise"})
     extra_rewards: str | None = field(default=None, metadata={"help": "shorthand: comma-separated module:function rewards, weight 1 each"})
     allow_reward_imports: bool = field(default=False, metadata={
         "help": "let module:function entries of rewards / extra_rewards import code (off: registered rewards only)"})
@@ -240,6 +243,9 @@ class GRPODataArguments(TaskArguments):
         if self.mix and self.curriculum:
             raise ConfigError("--mix with --curriculum: the curriculum draws every training prompt, so the mixed "
                               "tasks would never be trained on")
+        if self.solutions != "reference" and self.curriculum:
+            raise ConfigError(f"--solutions {self.solutions} with --curriculum: the curriculum's problems keep their own "
+                              "solutions; drop one")
 
     def training_problems(self, seed: int) -> list[Problem]:
         """The task's problems, then each mixed task's (`limit` problems of the same split)."""

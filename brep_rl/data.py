@@ -12,7 +12,7 @@ import logging
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +223,22 @@ def scratchpad_solution(expression: str, stepwise: bool = False) -> str | None:
         lines.append(" = ".join([head, *(form for form in forms if form != head), str(result)]))
         total = result
     return "\n".join([*lines, f"#### {total}"])
+
+
+def with_scratchpads(problems: list[Problem], task: str, solutions: str) -> list[Problem]:
+    """Each problem's solution replaced by a scratchpad of its sum, stepwise or not as `solutions` says (problems
+    that are not sums are dropped)."""
+    stepwise = solutions == "stepwise"
+    worked = [replace(p, solution=pad) for p in problems
+              if (pad := scratchpad_solution(str(p.meta.get("expression", "")), stepwise)) is not None]
+    option = f"--solutions {solutions}"
+    if not worked:
+        raise DataError(f"{option}: no problem of task {task!r} is a sum of integers (+ and - only) "
+                        "in its metadata's expression (e.g. rg:chain_sum)")
+    if len(worked) < len(problems):
+        logger.warning("%s: %d of %d problems are not sums and are left out",
+                       option, len(problems) - len(worked), len(problems))
+    return worked
 
 
 def _unsigned_operation(total: int, op: str, term: int) -> tuple[int, str, int]:

@@ -34,7 +34,7 @@ from brep_rl.arguments import (
     ValidationArguments,
 )
 from brep_rl.curriculum import Curriculum
-from brep_rl.data import prompt_batch
+from brep_rl.data import prompt_batch, with_scratchpads
 from brep_rl.dynamic_sampling import ScoredGroup, informative_groups
 from brep_rl.errors import ConfigError, DataError
 from brep_rl.evaluate import failed_problems
@@ -444,10 +444,15 @@ def prompt_dataset(problems, instruction: str | None, system_prompt: str | None)
 
 def run_grpo(model_args: ModelArguments, steer_args: SteeringArguments, data_args: GRPODataArguments, train_args: SteeringGRPOConfig, val_args: ValidationArguments | None = None) -> SteeringGRPOTrainer:
     """Train with GRPO, save the artifact to output_dir and (main process) compare base vs steered on held-out problems."""
+    if data_args.solutions != "reference" and not (train_args.demonstrations or train_args.hint_share):
+        raise ConfigError(f"--solutions {data_args.solutions}: the solutions only reach training through "
+                          "--demonstrations or --hint_share: set one")
     claim_output_dir(train_args)
     funcs, train_args.reward_weights = reward_functions(*data_args.reward_names(train_args.reward_weights), data_args.fallback,
                                                          data_args.allow_reward_imports)
     problems = data_args.training_problems(train_args.seed)
+    if data_args.solutions != "reference":
+        problems = with_scratchpads(problems, data_args.task, data_args.solutions)
     if data_args.train_on_failures:
         problems = failed_problems(problems, Path(data_args.train_on_failures), data_args.failures_of,
                                    data_args.provenance())
@@ -459,6 +464,7 @@ def run_grpo(model_args: ModelArguments, steer_args: SteeringArguments, data_arg
 
     model, tokenizer, steer = load_for_training(model_args, steer_args, calibration)
     steer.config.provenance = {**steer.config.provenance, "stage": "grpo", **data_args.provenance(),
+                               **({"solutions": data_args.solutions} if data_args.solutions != "reference" else {}),
                                **({"mix": data_args.mix} if data_args.mix else {}),
                                **({"train_on_failures": data_args.train_on_failures, "failures_of": data_args.failures_of,
                                    "problems": len(problems)} if data_args.train_on_failures else {})}

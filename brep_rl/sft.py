@@ -24,7 +24,7 @@ from brep_rl.arguments import (
     SteeringSFTConfig,
     ValidationArguments,
 )
-from brep_rl.data import DEFAULT_INSTRUCTION, Problem, chat_prompt_ids, prompt_batch, scratchpad_solution
+from brep_rl.data import DEFAULT_INSTRUCTION, Problem, chat_prompt_ids, prompt_batch, with_scratchpads
 from brep_rl.errors import DataError
 from brep_rl.rollout import Sampling, hash_seed, make_backend
 from brep_rl.training import (
@@ -151,22 +151,6 @@ def self_solutions(problems: list[Problem], model, tokenizer, steer, model_name:
     logger.warning("rejection sampling: %d of %d problems have a correct sample (%d samples each, temperature %s)",
                    len(kept), len(problems), k, data_args.self_temperature)
     return kept
-
-
-def with_scratchpads(problems: list[Problem], task: str, solutions: str) -> list[Problem]:
-    """Each problem's solution replaced by a scratchpad of its sum, stepwise or not as `solutions` says (problems
-    that are not sums are dropped)."""
-    stepwise = solutions == "stepwise"
-    worked = [dataclasses.replace(p, solution=pad) for p in problems
-              if (pad := scratchpad_solution(str(p.meta.get("expression", "")), stepwise)) is not None]
-    option = f"--solutions {solutions}"
-    if not worked:
-        raise DataError(f"{option}: no problem of task {task!r} is a sum of integers (+ and - only) "
-                        "in its metadata's expression (e.g. rg:chain_sum)")
-    if len(worked) < len(problems):
-        logger.warning("%s: %d of %d problems are not sums and are left out",
-                       option, len(problems) - len(worked), len(problems))
-    return worked
 
 
 def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args: SFTDataArguments, train_args: SteeringSFTConfig, val_args: ValidationArguments | None = None) -> SteeringSFTTrainer:

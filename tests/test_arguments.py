@@ -55,6 +55,7 @@ def test_a_bad_choice_fails_while_parsing_in_one_line(argv, names, tmp_path):
     (["grpo", "--dynamic_sampling", "true", "--hint_share", "0.5", "--max_steps", "-1"], "give --hint_decay_steps"),
     (["grpo", "--demonstrations", "true"], "--demonstrations guide groups dynamic sampling finds unsolved"),
     (["grpo", "--dynamic_sampling", "true", "--demonstrations", "true", "--hint_share", "0.5"], "choose one"),
+    (["grpo", "--solutions", "stepwise", "--curriculum", "chain_sum"], "keep their own solutions"),
     (["eval", "--layers", "5-2"], "--layers: "),
     (["eval", "--device", "gpu"], "--device: expected auto or a torch device"),
     (["grpo", "--no_such_flag", "1"], "no_such_flag"),
@@ -66,6 +67,14 @@ def test_a_bad_value_names_the_flag_in_one_line(argv, message, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_solutions_without_a_way_into_training_stop_before_the_model_loads(tmp_path, capsys):
+    assert main(["grpo", "--solutions", "stepwise", "--model", str(tmp_path / "absent"), "--output_dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("brep-rl grpo: error: --solutions stepwise: the solutions only reach training through "
+                   "--demonstrations or --hint_share: set one"), err
+    assert not (tmp_path / "x").exists()
 
 
 def test_flags_take_dashes_or_underscores_and_repeat(tmp_path):
