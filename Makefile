@@ -58,7 +58,7 @@ evidence-issue8: setup
 gsm8k: setup
 	@.venv/bin/brep-rl sft --config configs/gsm8k/sft.yaml --overwrite_output_dir true
 	@.venv/bin/brep-rl eval --task gsm8k --split test --limit 1319 --batch_size 64 --max_new_tokens 256 \
-		--steering runs/gsm8k_sft/best --output runs/gsm8k_test
+		--steering gsm8k-sft-pick=runs/gsm8k_sft/best --output runs/gsm8k_test
 
 # Issue #17's format target: GRPO from artifacts/smollm2-gsm8k that rewards the `#### N` format as much as a right
 # answer, calculator in the rollouts (48 steps, ~75 min on 2 CPU cores), then its last step on all of GSM8K test with
@@ -67,4 +67,4 @@ gsm8k: setup
 gsm8k-format: setup
 	@.venv/bin/brep-rl grpo --config configs/gsm8k/grpo_format.yaml --resume_from_checkpoint last
 	@.venv/bin/brep-rl eval --task gsm8k --split test --limit 1319 --batch_size 64 --max_new_tokens 256 --calculator true \
-		--steering artifacts/smollm2-gsm8k --steering runs/gsm8k_grpo_format/checkpoint-48 --output runs/gsm8k_test_format
+		--steering artifacts/smollm2-gsm8k --steering gsm8k-grpo-format-48=runs/gsm8k_grpo_format/checkpoint-48 --output runs/gsm8k_test_format

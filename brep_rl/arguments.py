@@ -463,7 +463,8 @@ class EvalArguments(EvalSettings):
 
     model: str = field(default="smollm2-135m", metadata={"help": "alias, .gguf file, HF folder or hub id"})
     steering: list[str] = field(default_factory=list, metadata={
-        "help": "steering artifact(s) to compare with the base (repeatable)", "action": "extend"})
+        "help": "steering artifact(s) to compare with the base (repeatable), each labelled by its folder's name or "
+                "as LABEL=PATH says", "action": "extend"})
     lora: list[str] = field(default_factory=list, metadata={
         "help": "PEFT LoRA adapter folder(s) (brep-rl lora) to compare on the same problems, generated with "
                 "transformers (repeatable)", "action": "extend"})

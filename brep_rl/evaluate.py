@@ -155,14 +155,27 @@ def failed_problems(problems: list[Problem], run: Path, label: str | None, task:
     return failed
 
 
-def variant_contexts(model, artifacts: list[str], scales: list[float], layer_specs: list[str]):
+def artifact_labels(specs: list[str]) -> tuple[list[str], list[str]]:
+    """(paths, labels) of `--steering` entries: PATH is labelled by its folder's name (by its path where names
+    repeat, as checkpoint-N and best do across runs), LABEL=PATH by LABEL."""
+    named = [(None, spec) if Path(spec).exists() or "/" in spec.partition("=")[0] else spec.partition("=")[::2]
+             for spec in specs]
+    paths = [path for _, path in named]
+    names = [Path(path).name for label, path in named if not label]
+    labels = [label or (Path(path).name if names.count(Path(path).name) == 1 else path) for label, path in named]
+    taken = sorted({label for label in labels if labels.count(label) > 1 or label == BASE})
+    if taken:
+        raise ConfigError(f"--steering: label(s) {', '.join(map(repr, taken))} name more than one model; give each "
+                          "artifact a label of its own as LABEL=PATH")
+    return paths, labels
+
+
+def variant_contexts(model, artifacts: list[str], labels: list[str], scales: list[float], layer_specs: list[str]):
     """Yields (Variant, steering vectors or None, context) in order: the base, then each artifact with each layer
     subset (distinct `--layers` specs) at each scale, one artifact attached at a time."""
     if not artifacts:
         yield Variant(BASE), None, contextlib.nullcontext()
         return
-    names = [Path(a).name for a in artifacts]
-    labels = names if len(set(names)) == len(names) else artifacts
     for index, (artifact, name) in enumerate(zip(artifacts, labels)):
         steer = SteeringVectors.from_pretrained(artifact, model)
         try:
@@ -213,7 +226,7 @@ def evaluate(
 
     `backend` generates the base and the steered variants (default: `settings.backend` for this model and these
     artifacts, see brep_rl.rollout); an adapter is generated with transformers."""
-    artifacts = list(artifacts or [])
+    artifacts, labels = artifact_labels(list(artifacts or []))
     loras = list(loras or [])
     for adapter in loras:  # before any generation: they are evaluated last
         if not all((Path(adapter) / file).is_file() for file in ADAPTER_FILES):
@@ -237,7 +250,7 @@ def evaluate(
     bar = tqdm(total=total, desc="eval", unit="sample", disable=not progress, dynamic_ncols=True)
 
     def every_variant():
-        for variant, steer, context in variant_contexts(model, artifacts, scales, layer_specs):
+        for variant, steer, context in variant_contexts(model, artifacts, labels, scales, layer_specs):
             yield variant, steer, context, backend
         for variant, with_adapter in lora_variants(model, loras, taken={v.label for v in variants}):
             yield variant, None, contextlib.nullcontext(), TransformersBackend(with_adapter, tokenizer)

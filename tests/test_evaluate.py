@@ -8,7 +8,7 @@ from brep_rl.arguments import EvalSettings
 from brep_rl.cli import main as cli_main
 from brep_rl.data import Problem, chat_prompt_ids
 from brep_rl.errors import ConfigError
-from brep_rl.evaluate import evaluate, failed_problems
+from brep_rl.evaluate import artifact_labels, evaluate, failed_problems
 from brep_rl.rollout import Sampling, TransformersBackend
 from testing_utils import edit_records
 
@@ -164,6 +164,29 @@ def test_resume_refuses_records_of_a_changed_artifact(tiny_llama, tokenizer, art
     steer.detach()
     with pytest.raises(ValueError, match=r"vec changed since .*samples.jsonl was written"):
         evaluate(tiny_llama, tokenizer, settings, [artifact], None, tmp_path / "run", problems=PROBLEMS[:2], progress=False)
+
+
+def test_artifacts_are_labelled_by_folder_path_where_names_repeat_or_as_given(tmp_path):
+    for run in ("a", "b"):
+        (tmp_path / run / "best").mkdir(parents=True)
+    a, b = str(tmp_path / "a" / "best"), str(tmp_path / "b" / "best")
+    assert artifact_labels([a]) == ([a], ["best"])
+    assert artifact_labels([a, b]) == ([a, b], [a, b])
+    assert artifact_labels([f"sft={a}", b]) == ([a, b], ["sft", "best"])
+    (tmp_path / "x=y").mkdir()  # an existing folder is a path, "=" or not
+    assert artifact_labels([str(tmp_path / "x=y")]) == ([str(tmp_path / "x=y")], ["x=y"])
+    for clash in ([f"sft={a}", f"sft={b}"], [f"base={a}"]):
+        with pytest.raises(ConfigError, match="give each artifact a label of its own as LABEL=PATH"):
+            artifact_labels(clash)
+
+
+def test_a_given_label_names_the_rows_and_records(tiny_llama, tokenizer, artifact, tmp_path):
+    settings = EvalSettings(max_new_tokens=2)
+    summary = evaluate(tiny_llama, tokenizer, settings, [f"pick={artifact}"], None, tmp_path / "run",
+                       problems=PROBLEMS[:2], progress=False)
+    assert set(summary["models"]) == {"base", "pick"} and "pick" in summary["paired_vs_base"]
+    records = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert {(r["model"], r["artifact"]) for r in records} == {("base", None), ("pick", artifact)}
 
 
 def test_summary_json_is_strict_json_with_null_for_undefined_bounds(tiny_llama, tokenizer, artifact, tmp_path):
