@@ -117,22 +117,21 @@ def solution_logprob(trainer, rows) -> float:
     return total / count
 
 
-@pytest.mark.parametrize("solutions", ["reference", "stepwise"])
-def test_unsolved_groups_train_on_the_reference_solution_in_place_of_a_sample(tiny_model_dir, tmp_path, monkeypatch,
-                                                                               solutions):
+@pytest.mark.parametrize("kind", ["reference", "stepwise"])
+def test_unsolved_groups_train_on_the_reference_solution_in_place_of_a_sample(tiny_model_dir, tmp_path, monkeypatch, kind):
     rollouts = recorded_rollouts(monkeypatch)
     out = tmp_path / "demonstrations"
     # the accuracy reward alone: a random model solves no sum, so every group is all wrong and has no signal
     trainer = grpo.main(grpo_args(tiny_model_dir, out, "--dynamic_sampling", "true", "--demonstrations", "true",
                                   "--max_refills", "0", "--rollout_backend", "transformers", "--extra_rewards", "",
                                   "--max_completion_length", "48", "--max_steps", "3", "--per_device_train_batch_size", "8",
-                                  "--radius", "1.0", "--solutions", solutions))
+                                  "--radius", "1.0", "--solutions", kind))
     logs = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "reward" in h]
     trained = [row for r in rollouts for row in zip(r["completion_ids"], r["logprobs"])]  # (ids, sampler log-probs)
     tokenizer, rows = trainer.processing_class, list(trainer.train_dataset)
     # the demonstrations are the solutions asked for: the task's own "a - b = c", or the place-value scratchpad
     expressions = [re.search(r"(-?\d+(?: [+-] \d+)+) =", row["prompt"][-1]["content"]).group(1) for row in rows]
-    want = [scratchpad_solution(e, stepwise=True) if solutions == "stepwise" else f"{e} = {row['answer']}\n#### {row['answer']}"
+    want = [scratchpad_solution(e, stepwise=True) if kind == "stepwise" else f"{e} = {row['answer']}\n#### {row['answer']}"
             for e, row in zip(expressions, rows)]
     assert [row["solution"] for row in rows] == want
     solutions = {tuple(grpo.demonstration_ids(tokenizer, row["solution"])) for row in rows}
