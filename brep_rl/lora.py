@@ -24,15 +24,18 @@ def run_lora_grpo(model_args: ModelArguments, lora_args: LoraArguments, data_arg
                   train_args: SteeringGRPOConfig, val_args: ValidationArguments | None = None) -> Path:
     """Train the adapter, save it to output_dir; returns output_dir. With validation steps, the adapter with the best
     validation accuracy is kept in output_dir/best, as a steering run keeps its vectors."""
+    if options := steering_only_options(data_args, train_args):
+        raise ConfigError(f"{', '.join(options)}: the LoRA reference is plain TRL GRPO, which would ignore "
+                          f"{'them' if len(options) > 1 else 'it'}; these are options of `brep-rl grpo` (drop them here)")
+    if train_args.rollout_backend not in ("auto", "transformers"):
+        raise ConfigError("--rollout_backend: LoRA rollouts run through TRL's own generation (auto or transformers), "
+                          f"got {train_args.rollout_backend!r}")
     claim_output_dir(train_args)
     if model_args.threads:
         torch.set_num_threads(model_args.threads)
     model, tokenizer = load_base(model_args.model, dtype=model_args.dtype)
     model.train()
-    problems = data_args.load_problems(train_args.seed)
-    if train_args.rollout_backend not in ("auto", "transformers"):
-        raise ConfigError("--rollout_backend: LoRA rollouts run through TRL's own generation (auto or transformers), "
-                          f"got {train_args.rollout_backend!r}")
+    problems = data_args.training_problems(train_args.seed)
     funcs, train_args.reward_weights = reward_functions(*data_args.reward_names(train_args.reward_weights), data_args.fallback,
                                                          data_args.allow_reward_imports)
     peft_config = LoraConfig(r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, target_modules=lora_args.lora_target_modules,
@@ -43,6 +46,17 @@ def run_lora_grpo(model_args: ModelArguments, lora_args: LoraArguments, data_arg
     )
     add_validation(trainer, val_args, data_args, model_args, train_args.seed)
     return train_and_save(trainer)
+
+
+def steering_only_options(data_args: GRPODataArguments, train_args: SteeringGRPOConfig) -> list[str]:
+    """The flags set that only the steering trainer (SteeringGRPOTrainer and run_grpo) acts on."""
+    set_flags = {
+        "--dynamic_sampling": train_args.dynamic_sampling, "--demonstrations": train_args.demonstrations,
+        "--hint_share": train_args.hint_share > 0, "--calculator": train_args.calculator,
+        "--curriculum": data_args.curriculum is not None, "--solutions": data_args.solutions != "reference",
+        "--train_on_failures": data_args.train_on_failures is not None,
+    }
+    return [flag for flag, is_set in set_flags.items() if is_set]
 
 
 def load_merged(model_name: str, adapter: str | Path, dtype: str = "float32"):

@@ -1,5 +1,6 @@
-"""The LoRA reference: refuses rollout backends it cannot use; a saved adapter merges back for the harness; validation
-keeps the best adapter as a steering run keeps its best vectors."""
+"""The LoRA reference: refuses rollout backends it cannot use and the options only the steering trainer acts on; a
+saved adapter merges back for the harness; validation keeps the best adapter as a steering run keeps its best
+vectors."""
 
 import json
 
@@ -8,6 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
+from brep_rl.errors import ConfigError
 from brep_rl.lora import load_merged, main
 from brep_rl.model import load_base
 from brep_rl.validation import ValidationCallback
@@ -17,6 +19,16 @@ from testing_utils import CHAIN
 def test_lora_refuses_an_external_rollout_backend(tmp_path):
     with pytest.raises(ValueError, match=r"--rollout_backend: LoRA rollouts run through TRL's own generation \(auto or transformers\), got 'llama.cpp'"):
         main(["--output_dir", str(tmp_path), "--rollout_backend", "llama.cpp"])
+
+
+def test_lora_refuses_the_options_plain_trl_would_ignore(tmp_path):
+    with pytest.raises(ConfigError, match=r"^--dynamic_sampling, --demonstrations, --solutions: the LoRA reference is "
+                                          r"plain TRL GRPO, which would ignore them"):
+        main(["--output_dir", str(tmp_path / "x"), "--dynamic_sampling", "true", "--demonstrations", "true",
+              "--solutions", "stepwise"])
+    with pytest.raises(ConfigError, match=r"^--curriculum: .* would ignore it;"):
+        main(["--output_dir", str(tmp_path / "x"), "--curriculum", "chain_sum"])
+    assert not (tmp_path / "x").exists()  # refused before the output folder is claimed
 
 
 def test_saved_adapter_merges_into_the_base(tmp_path, tiny_model_dir):
