@@ -467,7 +467,7 @@ class EvalArguments(EvalSettings):
                 "as LABEL=PATH says", "action": "extend"})
     lora: list[str] = field(default_factory=list, metadata={
         "help": "PEFT LoRA adapter folder(s) (brep-rl lora) to compare on the same problems, generated with "
-                "transformers (repeatable)", "action": "extend"})
+                "transformers (repeatable), labelled as --steering ones", "action": "extend"})
     scale: str = field(default="1", metadata={"help": "comma-separated steering strengths, e.g. 0.5,1,2"})
     output: str | None = field(default=None, metadata={"help": "folder for samples.jsonl + summary.json/.md; re-running resumes"})
     layers: list[str] = field(default_factory=list, metadata={

@@ -155,19 +155,28 @@ def failed_problems(problems: list[Problem], run: Path, label: str | None, task:
     return failed
 
 
-def artifact_labels(specs: list[str]) -> tuple[list[str], list[str]]:
-    """(paths, labels) of `--steering` entries: PATH is labelled by its folder's name (by its path where names
-    repeat, as checkpoint-N and best do across runs), LABEL=PATH by LABEL."""
+def labelled_paths(specs: list[str], flag: str = "--steering", taken: set[str] = frozenset()) -> tuple[list[str], list[str]]:
+    """(paths, labels) of `--steering` or `--lora` entries: PATH is labelled by its folder's name (by its path where
+    names repeat, as checkpoint-N and best do across runs, or where the name is `taken` or the base's), LABEL=PATH by
+    LABEL."""
+    taken = {BASE, *taken}
     named = [(None, spec) if Path(spec).exists() or "/" in spec.partition("=")[0] else spec.partition("=")[::2]
              for spec in specs]
     paths = [path for _, path in named]
     names = [Path(path).name for label, path in named if not label]
-    labels = [label or (Path(path).name if names.count(Path(path).name) == 1 else path) for label, path in named]
-    taken = sorted({label for label in labels if labels.count(label) > 1 or label == BASE})
-    if taken:
-        raise ConfigError(f"--steering: label(s) {', '.join(map(repr, taken))} name more than one model; give each "
-                          "artifact a label of its own as LABEL=PATH")
+    labels = [label or (name if names.count(name := Path(path).name) == 1 and name not in taken else path)
+              for label, path in named]
+    clashes = sorted({label for label in labels if labels.count(label) > 1 or label in taken})
+    if clashes:
+        raise ConfigError(f"{flag}: label(s) {', '.join(map(repr, clashes))} name more than one model; give each "
+                          "one a label of its own as LABEL=PATH")
     return paths, labels
+
+
+def variant_label(name: str, scale: float, layer_spec: str, scales: list[float], layer_specs: list[str]) -> str:
+    """An artifact's row: its label, with the scale and the layer subset where more than the default are compared."""
+    label = name if scales == [1.0] else f"{name}@{scale:g}"
+    return label if layer_specs == ["all"] else f"{label}[{layer_spec}]"
 
 
 def variant_contexts(model, artifacts: list[str], labels: list[str], scales: list[float], layer_specs: list[str]):
@@ -188,21 +197,18 @@ def variant_contexts(model, artifacts: list[str], labels: list[str], scales: lis
                     raise ConfigError(f"--layers {spec}: {artifact} does not steer layers {missing} "
                                       f"(it steers {steer.layer_ids})")
                 for scale in scales:
-                    label = name if scales == [1.0] else f"{name}@{scale:g}"
-                    label = label if layer_specs == ["all"] else f"{label}[{spec}]"
+                    label = variant_label(name, scale, spec, scales, layer_specs)
                     yield Variant(label, artifact, scale, layers), steer, _steered(steer, layers, scale)
         finally:
             steer.detach()
 
 
-def lora_variants(model, adapters: list[str], taken: set[str]):
-    """Yields (Variant, the model with the adapter on) for each PEFT LoRA adapter in turn, labelled by its folder's
-    name (its path where the name is `taken` or repeated); the plain model is restored after each."""
+def lora_variants(model, adapters: list[str], labels: list[str]):
+    """Yields (Variant, the model with the adapter on) for each PEFT LoRA adapter in turn; the plain model is restored
+    after each."""
     from peft import PeftModel
 
-    names = [Path(a).name for a in adapters]
-    for adapter, name in zip(adapters, names):
-        label = name if name not in taken and names.count(name) == 1 else adapter
+    for adapter, label in zip(adapters, labels):
         with_adapter = PeftModel.from_pretrained(model, adapter).eval()
         try:
             yield Variant(label, adapter), with_adapter
@@ -226,13 +232,14 @@ def evaluate(
 
     `backend` generates the base and the steered variants (default: `settings.backend` for this model and these
     artifacts, see brep_rl.rollout); an adapter is generated with transformers."""
-    artifacts, labels = artifact_labels(list(artifacts or []))
-    loras = list(loras or [])
+    scales = list(scales or [1.0])
+    layer_specs = list(dict.fromkeys(layer_specs or ["all"]))
+    artifacts, labels = labelled_paths(list(artifacts or []))
+    steered = {variant_label(name, scale, spec, scales, layer_specs) for name in labels for scale in scales for spec in layer_specs}
+    loras, lora_labels = labelled_paths(list(loras or []), "--lora", taken=steered)
     for adapter in loras:  # before any generation: they are evaluated last
         if not all((Path(adapter) / file).is_file() for file in ADAPTER_FILES):
             raise ConfigError(f"--lora {adapter}: not a PEFT adapter folder (expected {' and '.join(ADAPTER_FILES)})")
-    scales = list(scales or [1.0])
-    layer_specs = list(dict.fromkeys(layer_specs or ["all"]))
     problems = problems if problems is not None else load_task(
         settings.task, settings.split, settings.limit, settings.offset, settings.seed, settings.question,
         settings.answer_field, rg_config=settings.rg_config, skip_invalid=settings.skip_invalid,
@@ -252,7 +259,7 @@ def evaluate(
     def every_variant():
         for variant, steer, context in variant_contexts(model, artifacts, labels, scales, layer_specs):
             yield variant, steer, context, backend
-        for variant, with_adapter in lora_variants(model, loras, taken={v.label for v in variants}):
+        for variant, with_adapter in lora_variants(model, loras, lora_labels):
             yield variant, None, contextlib.nullcontext(), TransformersBackend(with_adapter, tokenizer)
 
     for variant, steer, context, generator in every_variant():

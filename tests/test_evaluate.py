@@ -8,7 +8,7 @@ from brep_rl.arguments import EvalSettings
 from brep_rl.cli import main as cli_main
 from brep_rl.data import Problem, chat_prompt_ids
 from brep_rl.errors import ConfigError
-from brep_rl.evaluate import artifact_labels, evaluate, failed_problems
+from brep_rl.evaluate import evaluate, failed_problems, labelled_paths
 from brep_rl.rollout import Sampling, TransformersBackend
 from testing_utils import edit_records
 
@@ -63,14 +63,14 @@ def test_eval_compares_lora_adapters_on_the_same_problems_and_takes_them_off_aga
         adapter = get_peft_model(make_tiny("llama", len(tokenizer), tokenizer.pad_token_id),
                                  LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
         adapter.save_pretrained(tmp_path / name)
-    loras = [str(tmp_path / "lora-a"), str(tmp_path / "vec")]
+    loras = [f"adapter-a={tmp_path / 'lora-a'}", str(tmp_path / "vec")]
     ids = torch.tensor([[1, 5, 9, 13]])
     before = tiny_llama(ids).logits
     settings = EvalSettings(max_new_tokens=6, batch_size=4)
     out = tmp_path / "run"
     summary = evaluate(tiny_llama, tokenizer, settings, [artifact], None, out, problems=PROBLEMS, progress=False, loras=loras)
-    assert list(summary["models"]) == ["base", "vec", "lora-a", loras[1]]  # a taken label: the adapter's path
-    assert set(summary["paired_vs_reference"]) == {"lora-a", loras[1]}  # each against the steering artifact
+    assert list(summary["models"]) == ["base", "vec", "adapter-a", loras[1]]  # a taken label: the adapter's path
+    assert set(summary["paired_vs_reference"]) == {"adapter-a", loras[1]}  # each against the steering artifact
     assert torch.equal(tiny_llama(ids).logits, before)  # the plain model again
     assert not any("lora" in name for name, _ in tiny_llama.named_modules())
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -78,11 +78,11 @@ def test_eval_compares_lora_adapters_on_the_same_problems_and_takes_them_off_aga
     def completions(label):
         return [r["completion"] for r in records if r["model"] == label]
 
-    with_adapter = PeftModel.from_pretrained(make_tiny("llama", len(tokenizer), tokenizer.pad_token_id), loras[0]).eval()
+    with_adapter = PeftModel.from_pretrained(make_tiny("llama", len(tokenizer), tokenizer.pad_token_id), tmp_path / "lora-a").eval()
     expected = TransformersBackend(with_adapter, tokenizer).generate(
         chat_prompt_ids(tokenizer, PROBLEMS, settings.instruction), 1, Sampling(6))
-    assert completions("lora-a") == tokenizer.batch_decode(expected.completion_ids, skip_special_tokens=True)
-    assert completions("lora-a") != completions("base")
+    assert completions("adapter-a") == tokenizer.batch_decode(expected.completion_ids, skip_special_tokens=True)
+    assert completions("adapter-a") != completions("base")
     with pytest.raises(ConfigError, match=r"--lora .*vec-missing: not a PEFT adapter folder"):
         evaluate(tiny_llama, tokenizer, settings, [artifact], None, tmp_path / "bad", problems=PROBLEMS, progress=False,
                  loras=[str(tmp_path / "vec-missing")])
@@ -170,14 +170,17 @@ def test_artifacts_are_labelled_by_folder_path_where_names_repeat_or_as_given(tm
     for run in ("a", "b"):
         (tmp_path / run / "best").mkdir(parents=True)
     a, b = str(tmp_path / "a" / "best"), str(tmp_path / "b" / "best")
-    assert artifact_labels([a]) == ([a], ["best"])
-    assert artifact_labels([a, b]) == ([a, b], [a, b])
-    assert artifact_labels([f"sft={a}", b]) == ([a, b], ["sft", "best"])
+    assert labelled_paths([a]) == ([a], ["best"])
+    assert labelled_paths([a, b]) == ([a, b], [a, b])
+    assert labelled_paths([f"sft={a}", b]) == ([a, b], ["sft", "best"])
     (tmp_path / "x=y").mkdir()  # an existing folder is a path, "=" or not
-    assert artifact_labels([str(tmp_path / "x=y")]) == ([str(tmp_path / "x=y")], ["x=y"])
+    assert labelled_paths([str(tmp_path / "x=y")]) == ([str(tmp_path / "x=y")], ["x=y"])
+    assert labelled_paths([a], "--lora", taken={"best"}) == ([a], [a])  # a steering row's name: the path
     for clash in ([f"sft={a}", f"sft={b}"], [f"base={a}"]):
-        with pytest.raises(ConfigError, match="give each artifact a label of its own as LABEL=PATH"):
-            artifact_labels(clash)
+        with pytest.raises(ConfigError, match="--steering: label.* give each one a label of its own as LABEL=PATH"):
+            labelled_paths(clash)
+    with pytest.raises(ConfigError, match="--lora: label\\(s\\) 'vec' name more than one model"):
+        labelled_paths([f"vec={a}"], "--lora", taken={"vec"})
 
 
 def test_a_given_label_names_the_rows_and_records(tiny_llama, tokenizer, artifact, tmp_path):
