@@ -283,7 +283,8 @@ class ValidationArguments:
         "help": "default: right after the training problems (offset + limit of the training task)"})
     validation_limit: int = 100
     validation_rg_config: str | None = field(default=None, metadata={"help": "default: the training task's"})
-    validation_max_new_tokens: int = 32
+    validation_max_new_tokens: int | None = field(default=None, metadata={
+        "help": "default: a GRPO run's max_completion_length (answers as long as the trained ones), 32 for SFT"})
     validation_samples: int = field(default=0, metadata={
         "help": "also sample k answers per problem at --validation_temperature and log pass@k, the room RL has "
                 "(0: greedy only)"})
@@ -294,7 +295,7 @@ class ValidationArguments:
     def __post_init__(self) -> None:
         _non_negative("validation_steps", self.validation_steps)
         _positive("validation_limit", self.validation_limit)
-        _positive("validation_max_new_tokens", self.validation_max_new_tokens)
+        _positive("validation_max_new_tokens", self.validation_max_new_tokens, allow_none=True)
         _non_negative("validation_samples", self.validation_samples)
         if self.validation_samples and self.validation_temperature <= 0:
             raise ConfigError(f"--validation_temperature: sampling {self.validation_samples} answers needs a "

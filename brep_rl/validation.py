@@ -35,10 +35,11 @@ class ValidationCallback(TrainerCallback):
         self.trainer = trainer
         self.problems = problems
         self.every = args.validation_steps
-        self.sampling = Sampling(args.validation_max_new_tokens, temperature=0.0)
+        max_new_tokens = args.validation_max_new_tokens or getattr(trainer.args, "max_completion_length", None) or 32
+        self.sampling = Sampling(max_new_tokens, temperature=0.0)
         self.samples = args.validation_samples
         # one seed for every validation of the run: the steps differ by their vectors, not by luck of the draw
-        self.sampled = Sampling(args.validation_max_new_tokens, temperature=args.validation_temperature,
+        self.sampled = Sampling(max_new_tokens, temperature=args.validation_temperature,
                                 seed=hash_seed(trainer.args.seed, "validation"))
         self.pick = args.validation_pick
         tokenizer = trainer.processing_class

@@ -76,6 +76,15 @@ def test_validation_logs_format_and_pass_at_k_and_keeps_the_best_by_the_metric_p
     assert config.provenance["validation_pass@k"] == (0.5 if pick == "accuracy" else 1.0)
 
 
+@pytest.mark.parametrize("given, trained, expected", [(None, {"max_completion_length": 48}, 48), (None, {}, 32),
+                                                     (20, {"max_completion_length": 48}, 20)])
+def test_validation_answers_are_as_long_as_the_trained_ones_unless_set(given, trained, expected, tokenizer, tmp_path):
+    trainer = SimpleNamespace(processing_class=tokenizer, args=SimpleNamespace(output_dir=str(tmp_path), seed=0, **trained))
+    args = ValidationArguments(validation_steps=1, validation_max_new_tokens=given, validation_samples=2)
+    callback = ValidationCallback(trainer, [Problem("a", "1 + 0 = ?", "1")], args, None, None, "last_number")
+    assert callback.sampling.max_new_tokens == callback.sampled.max_new_tokens == expected
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--validation_pick", "pass@k"], "--validation_pick pass@k needs --validation_samples"),
     (["--validation_samples", "4", "--validation_temperature", "0"], "--validation_temperature: sampling 4 answers"),
