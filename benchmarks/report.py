@@ -4,33 +4,21 @@ from __future__ import annotations
 
 import os
 import platform
-import time
 from datetime import date
 from pathlib import Path
 
 import torch
 
 from brep_rl.files import write_json
+from brep_rl.training import matmul_gflops
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def matmul_gflops(size: int = 512, seconds: float = 1.0) -> float:
-    """fp32 matmul throughput at the current torch threads: the same code ran 2x slower on some days of this shared
-    machine, so every table carries the speed it was measured at."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm-up
-    calls, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
-        a @ b
-        calls += 1
-    return round(2 * size**3 * calls / elapsed / 1e9, 1)
 
 
 def machine() -> dict:
     return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "machine": platform.machine(), "date": date.today().isoformat(),
-            "matmul_gflops": matmul_gflops()}
+            "matmul_gflops": matmul_gflops(seconds=1.0)}
 
 
 def write(name: str, title: str, rows: list[dict], notes: str = "", **meta) -> Path:

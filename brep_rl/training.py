@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -179,7 +180,8 @@ class RestraintCallback(TrainerCallback):
 
 
 class RunStart(TrainerCallback):
-    """Once the Trainer knows where it starts (step 0, or a resumed step): the norms log forgets the steps it redoes."""
+    """Once the Trainer knows where it starts (step 0, or a resumed step): the norms log forgets the steps it redoes,
+    and the machine's speed is measured for the artifact's provenance."""
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -187,6 +189,19 @@ class RunStart(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if args.should_save:
             self.trainer.norms_log.start(state.global_step)
+            self.trainer.matmul_gflops = matmul_gflops()
+
+
+def matmul_gflops(size: int = 512, seconds: float = 0.3) -> float:
+    """fp32 matmul throughput at the current torch threads. This shared machine ran the same code 2x faster on some
+    days than on others: a run's wall-clock is read beside the speed it ran at."""
+    a = torch.ones(size, size)  # no random numbers: the run's seeded streams stay untouched
+    a @ a  # warm-up
+    calls, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        a @ a
+        calls += 1
+    return round(2 * size**3 * calls / elapsed / 1e9, 1)
 
 
 def zero3_enabled(trainer) -> bool:
@@ -277,7 +292,9 @@ class SteeringTrainerMixin:
             self.steer.save_pretrained(output_dir, tensors)
 
     def provenance(self) -> dict:
-        return {"trainer": type(self).__name__, "global_step": self.state.global_step, "learning_rate": self.args.learning_rate}
+        speed = getattr(self, "matmul_gflops", None)  # at the last (re)start of training
+        return {"trainer": type(self).__name__, "global_step": self.state.global_step, "learning_rate": self.args.learning_rate,
+                **({"matmul_gflops": speed} if speed else {})}
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if self.is_deepspeed_enabled:  # the engine's checkpoint would otherwise hold the whole frozen base

@@ -112,6 +112,7 @@ def test_grpo_starts_from_sft_vectors(tiny_model_dir, tmp_path):
     assert provenance["stage"] == "grpo" and provenance["previous"]["stage"] == "sft"
     assert provenance["init_from"] == str(tmp_path / "sft")
     assert provenance["mix"] == mix and len(grpo.train_dataset) == 40 + 3  # the mixed task's problems are trained on
+    assert provenance["matmul_gflops"] > 0  # the machine's speed, to read the run's wall-clock by
 
 
 def test_grpo_trains_only_on_the_problems_an_eval_run_failed(tiny_model_dir, tokenizer, tmp_path):
