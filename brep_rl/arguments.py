@@ -398,6 +398,9 @@ class SteeringGRPOConfig(GRPOConfig):
     demonstrations: bool = field(default=False, metadata={
         "help": "dynamic sampling: in a group no sample of which is right, the last sample is replaced by the "
                 "reference solution and trained as an off-policy sample (LUFFY, arXiv 2504.14945)"})
+    demonstration_groups: Literal["unsolved", "every"] = field(default="unsolved", metadata={
+        "help": "the groups --demonstrations guides: unsolved ones, or every group (LUFFY's mix: the reference "
+                "beside the policy's samples wherever it is right)"})
     calculator: bool = field(default=False, metadata={
         "help": "GSM8K's calculator in the rollouts (llama.cpp): after `expression =` the result is written for the "
                 "policy and left out of the loss; validation and the final eval use it too"})
@@ -413,6 +416,8 @@ class SteeringGRPOConfig(GRPOConfig):
             raise ConfigError("--hint_share gives hints to groups dynamic sampling finds unsolved: add --dynamic_sampling true")
         if self.demonstrations and not self.dynamic_sampling:
             raise ConfigError("--demonstrations guide groups dynamic sampling finds unsolved: add --dynamic_sampling true")
+        if self.demonstration_groups != "unsolved" and not self.demonstrations:
+            raise ConfigError(f"--demonstration_groups {self.demonstration_groups}: add --demonstrations true")
         if self.demonstrations and self.hint_share:
             raise ConfigError("--demonstrations and --hint_share both guide unsolved groups: choose one")
         _positive("hint_decay_steps", self.hint_decay_steps, allow_none=True)

@@ -210,7 +210,7 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
         """Generate and score `groups`. A group no sample of which is right is guided by its reference solution:
         with --hint_share it is generated again with the start of the solution given (the hint sits at the end of
         the prompt, so the loss and the rewards see only what the policy wrote after it); with --demonstrations
-        the solution takes the place of its last sample."""
+        the solution takes the place of its last sample (in every group with --demonstration_groups every)."""
         prompt_ids, _, _ = self._tokenize_prompts([group[0]["prompt"] for group in groups])
         scored = self._generate_scored(groups, prompt_ids, prompt_ids, ("dynamic", round_))
         if self._drawn_accuracy is not None:
@@ -227,7 +227,7 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
             self._guided["hinted"] += len(unsolved)
         if self.args.demonstrations:
             for group in scored:
-                if not any(group.accuracies):
+                if self.args.demonstration_groups == "every" or not any(group.accuracies):
                     self._guided["demonstrated"] += self._demonstrate(group)
         return scored
 

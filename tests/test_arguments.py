@@ -55,6 +55,7 @@ def test_a_bad_choice_fails_while_parsing_in_one_line(argv, names, tmp_path):
     (["grpo", "--dynamic_sampling", "true", "--hint_share", "0.5", "--max_steps", "-1"], "give --hint_decay_steps"),
     (["grpo", "--demonstrations", "true"], "--demonstrations guide groups dynamic sampling finds unsolved"),
     (["grpo", "--dynamic_sampling", "true", "--demonstrations", "true", "--hint_share", "0.5"], "choose one"),
+    (["grpo", "--demonstration_groups", "every"], "--demonstration_groups every: add --demonstrations true"),
     (["grpo", "--solutions", "stepwise", "--curriculum", "chain_sum"], "keep their own solutions"),
     (["eval", "--layers", "5-2"], "--layers: "),
     (["eval", "--device", "gpu"], "--device: expected auto or a torch device"),

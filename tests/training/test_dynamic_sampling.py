@@ -117,6 +117,28 @@ def solution_logprob(trainer, rows) -> float:
     return total / count
 
 
+def test_every_group_can_carry_a_demonstration(tiny_model_dir, tmp_path, monkeypatch):
+    def accuracy(completions, answer, **kwargs):  # the reference solutions, and a random text now and then
+        return [float("####" in text or rare_hit(completions=[text])[0]) for text in completions]
+
+    monkeypatch.setattr(grpo, "reward_function", lambda name, fallback: accuracy)
+    rollouts = recorded_rollouts(monkeypatch)
+    out = tmp_path / "every"
+    trainer = grpo.main(grpo_args(tiny_model_dir, out, "--dynamic_sampling", "true", "--demonstrations", "true",
+                                  "--demonstration_groups", "every", "--max_refills", "0", "--rollout_backend",
+                                  "transformers", "--extra_rewards", "", "--max_completion_length", "48",
+                                  "--max_steps", "3", "--per_device_train_batch_size", "8"))
+    logs = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "reward" in h]
+    tokenizer = trainer.processing_class
+    trained = [ids for r in rollouts for ids in r["completion_ids"]]
+    solutions = {tuple(grpo.demonstration_ids(tokenizer, row["solution"])) for row in trainer.train_dataset}
+    # the last of every group of 4 is its demonstration, solved by the policy or not
+    assert all(tuple(ids) in solutions for ids in trained[3::4])
+    assert sum(log["demonstrations/groups"] for log in logs) == len(trained) // 4 == 6
+    own = [accuracy([tokenizer.decode(ids, skip_special_tokens=True)], None)[0] for i, ids in enumerate(trained) if i % 4 != 3]
+    assert any(own)  # some groups had a right sample of their own: --demonstration_groups unsolved would skip them
+
+
 @pytest.mark.parametrize("kind", ["reference", "stepwise"])
 def test_unsolved_groups_train_on_the_reference_solution_in_place_of_a_sample(tiny_model_dir, tmp_path, monkeypatch, kind):
     rollouts = recorded_rollouts(monkeypatch)
