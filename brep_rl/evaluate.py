@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,7 +156,7 @@ def failed_problems(problems: list[Problem], run: Path, label: str | None, task:
     return failed
 
 
-def labelled_paths(specs: list[str], flag: str = "--steering", taken: set[str] = frozenset()) -> tuple[list[str], list[str]]:
+def labelled_paths(specs: list[str], flag: str = "--steering", taken: Iterable[str] = ()) -> tuple[list[str], list[str]]:
     """(paths, labels) of `--steering` or `--lora` entries: PATH is labelled by its folder's name (by its path where
     names repeat, as checkpoint-N and best do across runs, or where the name is `taken` or the base's), LABEL=PATH by
     LABEL."""

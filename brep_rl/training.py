@@ -280,6 +280,7 @@ class SteeringTrainerMixin:
             )
         self.steer = steer
         self.norms_log = StepLog(Path(self.args.output_dir) / NORMS)
+        self.matmul_gflops: float | None = None  # the machine's speed at the last (re)start, measured by RunStart
         self.add_callback(RestraintCallback(steer))
         self.add_callback(RunStart(self))
         use_readable_progress(self)
@@ -292,9 +293,8 @@ class SteeringTrainerMixin:
             self.steer.save_pretrained(output_dir, tensors)
 
     def provenance(self) -> dict:
-        speed = getattr(self, "matmul_gflops", None)  # at the last (re)start of training
         return {"trainer": type(self).__name__, "global_step": self.state.global_step, "learning_rate": self.args.learning_rate,
-                **({"matmul_gflops": speed} if speed else {})}
+                **({"matmul_gflops": self.matmul_gflops} if self.matmul_gflops else {})}
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if self.is_deepspeed_enabled:  # the engine's checkpoint would otherwise hold the whole frozen base
