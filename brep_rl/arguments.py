@@ -131,8 +131,10 @@ class TaskArguments:
         _non_negative("offset", self.offset)
 
     def provenance(self) -> dict:
-        """What a trained artifact records of the problems it learned from (SFT and GRPO alike)."""
-        return {"task": self.task, "split": self.split, "rg_config": self.rg_config}
+        """What a trained artifact records of the problems it learned from (SFT and GRPO alike); with the run's seed
+        (a reasoning-gym task's draw) they name the training problems and the validation ones after them."""
+        return {"task": self.task, "split": self.split, "offset": self.offset, "limit": self.limit,
+                "rg_config": self.rg_config}
 
     def load_problems(self, seed: int, solution_field: str | None = None) -> list[Problem]:
         return load_task(

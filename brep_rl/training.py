@@ -293,7 +293,8 @@ class SteeringTrainerMixin:
             self.steer.save_pretrained(output_dir, tensors)
 
     def provenance(self) -> dict:
-        return {"trainer": type(self).__name__, "global_step": self.state.global_step, "learning_rate": self.args.learning_rate,
+        return {"trainer": type(self).__name__, "global_step": self.state.global_step, "seed": self.args.seed,
+                "learning_rate": self.args.learning_rate,
                 **({"matmul_gflops": self.matmul_gflops} if self.matmul_gflops else {})}
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:

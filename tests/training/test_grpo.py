@@ -104,7 +104,7 @@ def test_grpo_starts_from_sft_vectors(tiny_model_dir, tmp_path):
     config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"base_model": "/elsewhere/model"}))
     mix = {"rg:basic_arithmetic": {"limit": 3, "rg_config": {"min_digits": 1, "max_digits": 1}}}
     grpo = grpo_main(grpo_args(tiny_model_dir, tmp_path / "grpo", "--init_from", str(tmp_path / "sft"), "--learning_rate", "0",
-                               "--max_steps", "1", "--radius", "1.0", "--mix", json.dumps(mix)))
+                               "--max_steps", "1", "--radius", "1.0", "--mix", json.dumps(mix), "--seed", "3"))
     assert torch.equal(grpo.steer.bias, sft.steer.bias) and torch.equal(grpo.steer.prefix, sft.steer.prefix)  # lr 0: kept
     saved = json.loads((tmp_path / "grpo" / "steering_config.json").read_text())
     assert saved["base_model"] == str(tiny_model_dir)  # the base this run loaded, not the SFT artifact's old path
@@ -113,6 +113,8 @@ def test_grpo_starts_from_sft_vectors(tiny_model_dir, tmp_path):
     assert provenance["init_from"] == str(tmp_path / "sft")
     assert provenance["mix"] == mix and len(grpo.train_dataset) == 40 + 3  # the mixed task's problems are trained on
     assert provenance["matmul_gflops"] > 0  # the machine's speed, to read the run's wall-clock by
+    # what names the problems trained on (and the validation ones after them): a reasoning-gym draw depends on the seed
+    assert (provenance["seed"], provenance["offset"], provenance["limit"]) == (3, 0, 40)
 
 
 def test_grpo_trains_only_on_the_problems_an_eval_run_failed(tiny_model_dir, tokenizer, tmp_path):
