@@ -134,7 +134,7 @@ class TaskArguments:
         """What a trained artifact records of the problems it learned from (SFT and GRPO alike); with the run's seed
         (a reasoning-gym task's draw) they name the training problems and the validation ones after them."""
         return {"task": self.task, "split": self.split, "offset": self.offset, "limit": self.limit,
-                "rg_config": self.rg_config}
+                "rg_config": self.rg_config if self.task.startswith("rg:") else None}  # GRPO's default is chain_sum's
 
     def load_problems(self, seed: int, solution_field: str | None = None) -> list[Problem]:
         return load_task(

@@ -103,6 +103,12 @@ def test_rewards_are_named_with_weights():
     assert GRPODataArguments(rewards=["accuracy", "format"]).reward_names([1.0, 0.5]) == (["accuracy", "format"], [1.0, 0.5])
 
 
+def test_provenance_records_a_reasoning_gym_config_only_for_a_reasoning_gym_task():
+    chain_sum = GRPODataArguments(task="rg:chain_sum", offset=5, limit=10).provenance()
+    assert chain_sum["rg_config"]["max_terms"] == 2 and (chain_sum["offset"], chain_sum["limit"]) == (5, 10)
+    assert GRPODataArguments(task="gsm8k", split="fit").provenance()["rg_config"] is None  # not chain_sum's default
+
+
 ARITHMETIC = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+", "-", "*"]}
 
 
