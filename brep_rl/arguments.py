@@ -130,11 +130,15 @@ class TaskArguments:
         _positive("limit", self.limit, allow_none=True)
         _non_negative("offset", self.offset)
 
+    def source(self) -> dict:
+        """Where the problems come from, as an eval run's run.json records it: the same source, the same problem ids."""
+        return {"task": self.task, "split": self.split,
+                "rg_config": self.rg_config if self.task.startswith("rg:") else None}  # GRPO's default is chain_sum's
+
     def provenance(self) -> dict:
         """What a trained artifact records of the problems it learned from (SFT and GRPO alike); with the run's seed
         (a reasoning-gym task's draw) they name the training problems and the validation ones after them."""
-        return {"task": self.task, "split": self.split, "offset": self.offset, "limit": self.limit,
-                "rg_config": self.rg_config if self.task.startswith("rg:") else None}  # GRPO's default is chain_sum's
+        return {**self.source(), "offset": self.offset, "limit": self.limit}
 
     def load_problems(self, seed: int, solution_field: str | None = None) -> list[Problem]:
         return load_task(

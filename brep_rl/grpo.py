@@ -455,7 +455,7 @@ def run_grpo(model_args: ModelArguments, steer_args: SteeringArguments, data_arg
         problems = with_scratchpads(problems, data_args.task, data_args.solutions)
     if data_args.train_on_failures:
         problems = failed_problems(problems, Path(data_args.train_on_failures), data_args.failures_of,
-                                   data_args.provenance())
+                                   data_args.source())
     if not all(p.answer for p in problems):
         raise DataError(f"task {data_args.task!r}: every problem needs a gold answer for the reward")
 

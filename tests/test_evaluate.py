@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from brep_rl import SteeringConfig, SteeringVectors
-from brep_rl.arguments import EvalSettings
+from brep_rl.arguments import EvalSettings, GRPODataArguments
 from brep_rl.cli import main as cli_main
 from brep_rl.data import Problem, chat_prompt_ids
 from brep_rl.errors import ConfigError
@@ -286,7 +286,9 @@ def test_failed_problems_are_those_the_model_got_wrong_in_every_sample(tiny_llam
     evaluate(tiny_llama, tokenizer, settings, [artifact], [1.0], run, problems=PROBLEMS[:4], progress=False)
     _mark_right(run, "vec", "p1", sample=1)  # right once in two samples: solved
     _mark_right(run, "base", "p2")  # the base's records do not count
-    task = {"task": settings.task, "split": settings.split, "rg_config": None}
+    # what `brep-rl grpo --train_on_failures` compares with the run: for GSM8K no reasoning-gym config, though GRPO's
+    # default rg_config is chain_sum's
+    task = GRPODataArguments(task=settings.task, split=settings.split).source()
     assert [p.id for p in failed_problems(PROBLEMS, run, None, task)] == ["p0", "p2", "p3"]  # p4 was not evaluated
     with pytest.raises(ConfigError, match=r"evaluated other problems than the training set \(split: run 'test', training 'train'\)"):
         failed_problems(PROBLEMS, run, None, task | {"split": "train"})
