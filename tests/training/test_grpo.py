@@ -141,6 +141,8 @@ def test_grpo_trains_only_on_the_problems_an_eval_run_failed(tiny_model_dir, tok
     assert provenance["train_on_failures"] == str(run) and provenance["problems"] == 4
     with pytest.raises(ConfigError, match=r"evaluated other problems than the training set \(rg_config: run"):
         grpo_main(grpo_args(tiny_model_dir, tmp_path / "bad", "--train_on_failures", str(run), "--rg_config", "{}"))
+    with pytest.raises(ConfigError, match=r"evaluated other problems than the training set \(seed: run 0, training 1\)"):
+        grpo_main(grpo_args(tiny_model_dir, tmp_path / "bad", "--train_on_failures", str(run), "--seed", "1"))
 
 
 def test_a_launch_that_does_not_fit_the_machine_is_refused(tiny_model_dir, tmp_path, monkeypatch, capsys):
