@@ -130,10 +130,13 @@ class TaskArguments:
         _positive("limit", self.limit, allow_none=True)
         _non_negative("offset", self.offset)
 
-    def source(self) -> dict:
-        """Where the problems come from, as an eval run's run.json records it: the same source, the same problem ids."""
-        return {"task": self.task, "split": self.split,
-                "rg_config": self.rg_config if self.task.startswith("rg:") else None}  # GRPO's default is chain_sum's
+    def source(self, seed: int | None = None) -> dict:
+        """Where the problems come from, as an eval run's run.json records it: the same source, the same problem ids.
+        A reasoning-gym task is drawn with a seed: given one, it is part of the source."""
+        if not self.task.startswith("rg:"):
+            return {"task": self.task, "split": self.split, "rg_config": None}  # GRPO's default rg_config is chain_sum's
+        return {"task": self.task, "split": self.split, "rg_config": self.rg_config,
+                **({"seed": seed} if seed is not None else {})}
 
     def provenance(self) -> dict:
         """What a trained artifact records of the problems it learned from (SFT and GRPO alike); with the run's seed

@@ -454,9 +454,8 @@ def run_grpo(model_args: ModelArguments, steer_args: SteeringArguments, data_arg
     if data_args.solutions != "reference":
         problems = with_scratchpads(problems, data_args.task, data_args.solutions)
     if data_args.train_on_failures:
-        draw = {"seed": train_args.seed} if data_args.task.startswith("rg:") else {}  # the seed picks the problems
         problems = failed_problems(problems, Path(data_args.train_on_failures), data_args.failures_of,
-                                   data_args.source() | draw)
+                                   data_args.source(train_args.seed))
     if not all(p.answer for p in problems):
         raise DataError(f"task {data_args.task!r}: every problem needs a gold answer for the reward")
 
