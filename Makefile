@@ -31,7 +31,7 @@ bench: setup
 		echo "== $$b"; ../$(PY) $$b.py || exit 1; done
 
 # Issue #15: the chain_sum picks at equal wall-clock (SFT-only, SFT -> GRPO, GRPO-only), picked on validation,
-# reported on 500 test problems and on GSM8K. About 2 h 40 min on 2 CPU cores; re-running resumes.
+# reported on 500 test problems and on GSM8K. 95 min in one sitting on 2 CPU cores on a fast day (more on slow ones); re-running resumes.
 evidence: setup
 	@$(PY) scripts/evidence.py --config configs/evidence/smollm2_chain_sum_picks.yaml
 
