@@ -36,7 +36,7 @@ evidence: setup
 	@$(PY) scripts/evidence.py --config configs/evidence/smollm2_chain_sum_picks.yaml
 
 # Issue #15: the stepwise picks (SFT-only on stepwise scratchpads, SFT -> GRPO from its pick), the best chain_sum
-# vectors; not yet run end to end on 2 CPU cores (estimate in the config); re-running resumes.
+# vectors; 90 min on 2 CPU cores (docs/results.md); re-running resumes.
 evidence-stepwise: setup
 	@$(PY) scripts/evidence.py --config configs/evidence/smollm2_chain_sum_stepwise.yaml
 
