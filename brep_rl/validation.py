@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 VALIDATION = "validation.jsonl"
 BEST = "best"
+SFT_VALIDATION_TOKENS = 32  # an SFT run has no completion length; --validation_max_new_tokens sets a longer one
 
 
 class ValidationCallback(TrainerCallback):
@@ -35,7 +36,8 @@ class ValidationCallback(TrainerCallback):
         self.trainer = trainer
         self.problems = problems
         self.every = args.validation_steps
-        max_new_tokens = args.validation_max_new_tokens or getattr(trainer.args, "max_completion_length", None) or 32
+        max_new_tokens = (args.validation_max_new_tokens or getattr(trainer.args, "max_completion_length", None)
+                          or SFT_VALIDATION_TOKENS)
         self.sampling = Sampling(max_new_tokens, temperature=0.0)
         self.samples = args.validation_samples
         # one seed for every validation of the run: the steps differ by their vectors, not by luck of the draw
