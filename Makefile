@@ -6,7 +6,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export DS_ACCELERATOR := cpu
 
-.PHONY: setup lint test test-fast demo bench evidence evidence-stepwise chain-sum-failures evidence-issue8 gsm8k gsm8k-format
+.PHONY: setup lint test test-fast demo bench evidence evidence-stepwise chain-sum-failures grpo-soup evidence-issue8 gsm8k gsm8k-format
 
 setup:
 	@bash scripts/setup.sh
@@ -47,6 +47,22 @@ chain-sum-failures: setup
 		--split train --limit 1200 --max_new_tokens 64 --batch_size 64 \
 		--steering artifacts/smollm2-chain-sum-sft-stepwise-grpo --output runs/eval_train_stepwise_grpo
 	@.venv/bin/brep-rl grpo --config configs/grpo_smollm2_stepwise_failures.yaml --resume_from_checkpoint last
+
+# Issue #15: GRPO-only (no SFT) past 50%: the shipped GRPO-only pick averaged with the checkpoints of two short runs
+# from it (an 80-step cool-down, 20 steps of a 16-prompt batch): 13 vectors, equal weights. ~35 min on 2 CPU cores
+# (docs/results.md); both runs resume. Then the average beside the pick on 500 validation and 500 test problems.
+CHAIN_SUM := --task rg:chain_sum --rg_config '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}' --fallback last_number
+GRPO_ONLY_PICK := artifacts/smollm2-chain-sum-grpo-demonstrations
+grpo-soup: setup
+	@.venv/bin/brep-rl grpo --config configs/grpo_smollm2_demonstrations_cooldown.yaml --resume_from_checkpoint last
+	@.venv/bin/brep-rl grpo --config configs/grpo_smollm2_demonstrations_b128.yaml --resume_from_checkpoint last
+	@.venv/bin/brep-rl blend --out runs/grpo_soup --artifacts $(GRPO_ONLY_PICK) \
+		$(foreach s,10 20 30 40 50 60 70 80,runs/grpo_demonstrations_scratchpad_cooldown/checkpoint-$(s)) \
+		$(foreach s,5 10 15 20,runs/grpo_demonstrations_b128/checkpoint-$(s))
+	@.venv/bin/brep-rl eval $(CHAIN_SUM) --split train --offset 4000 --limit 500 --max_new_tokens 32 \
+		--steering pick=$(GRPO_ONLY_PICK) --steering soup=runs/grpo_soup --output runs/eval_grpo_soup_validation
+	@.venv/bin/brep-rl eval $(CHAIN_SUM) --split test --limit 500 --max_new_tokens 128 \
+		--steering pick=$(GRPO_ONLY_PICK) --steering soup=runs/grpo_soup --output runs/eval_grpo_soup_test
 
 # Issue #8's matrix: every variant at a small fixed budget (modes, restraint, LoRA). About 2 hours; resumes.
 evidence-issue8: setup

@@ -77,6 +77,13 @@ def test_blend_is_the_weighted_sum_and_refuses_misfits(tiny_llama, tmp_path):
     extrapolated = SteeringVectors.from_pretrained(tmp_path / "x2", tiny_llama)
     assert torch.allclose(extrapolated.bias.detach(), torch.full_like(extrapolated.bias, 5.0))
     extrapolated.detach()
+    # no weights: the checkpoint average (`make grpo-soup`), each member named in the provenance
+    c = artifact(tiny_llama, tmp_path / "c5", value=5.0)
+    assert main(["blend", str(a), str(b), str(c), "--out", str(tmp_path / "mean")]) == 0
+    mean = SteeringVectors.from_pretrained(tmp_path / "mean", tiny_llama)
+    assert torch.allclose(mean.bias.detach(), torch.full_like(mean.bias, 3.0))
+    assert [m["artifact"] for m in mean.config.provenance["blend"]] == [str(a), str(b), str(c)]
+    mean.detach()
     other = artifact(tiny_llama, tmp_path / "d", layers=(1,))
     with pytest.raises(ArtifactError, match="do not fit together"):
         blend([a, other], [0.5, 0.5], tmp_path / "e")
