@@ -49,8 +49,9 @@ chain-sum-failures: setup
 	@.venv/bin/brep-rl grpo --config configs/grpo_smollm2_stepwise_failures.yaml --resume_from_checkpoint last
 
 # Issue #15: GRPO-only (no SFT) past 50%: the shipped GRPO-only pick averaged with the checkpoints of two short runs
-# from it (an 80-step cool-down, 20 steps of a 16-prompt batch): 13 vectors, equal weights. ~40 min on 2 CPU cores (13 + 19 of training, 6 of evaluation)
-# (docs/results.md); both runs resume. Then the average beside the pick on 500 validation and 500 test problems.
+# from it (an 80-step cool-down, 20 steps of a 16-prompt batch): 13 vectors, equal weights; then the average beside
+# the pick on 500 validation and 500 test problems. ~40 min on 2 CPU cores (13 + 19 of training, 6 of evaluation;
+# docs/results.md); both runs resume.
 CHAIN_SUM := --task rg:chain_sum --rg_config '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}' --fallback last_number
 GRPO_ONLY_PICK := artifacts/smollm2-chain-sum-grpo-demonstrations
 grpo-soup: setup
