@@ -40,10 +40,13 @@ evidence: setup
 evidence-stepwise: setup
 	@$(PY) scripts/evidence.py --config configs/evidence/smollm2_chain_sum_stepwise.yaml
 
+# The held-out chain_sum config of issue #15 (2 terms, 1-2 digits), as `brep-rl eval` flags.
+CHAIN_SUM := --task rg:chain_sum --rg_config '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}'
+
 # Issue #15: GRPO from the stepwise SFT -> GRPO pick on the train problems it still answers wrong: a greedy eval of it
 # on 1,200 train problems (~10 min on 2 CPU cores), then 10 GRPO steps on its failures (~35 min). Both resume.
 chain-sum-failures: setup
-	@.venv/bin/brep-rl eval --task rg:chain_sum --rg_config '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}' \
+	@.venv/bin/brep-rl eval $(CHAIN_SUM) \
 		--split train --limit 1200 --max_new_tokens 64 --batch_size 64 \
 		--steering artifacts/smollm2-chain-sum-sft-stepwise-grpo --output runs/eval_train_stepwise_grpo
 	@.venv/bin/brep-rl grpo --config configs/grpo_smollm2_stepwise_failures.yaml --resume_from_checkpoint last
@@ -52,7 +55,6 @@ chain-sum-failures: setup
 # from it (an 80-step cool-down, 20 steps of a 16-prompt batch): 13 vectors, equal weights; then the average beside
 # the pick on 500 validation and 500 test problems. ~40 min on 2 CPU cores (13 + 19 of training, 6 of evaluation;
 # docs/results.md); both runs resume.
-CHAIN_SUM := --task rg:chain_sum --rg_config '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}' --fallback last_number
 GRPO_ONLY_PICK := artifacts/smollm2-chain-sum-grpo-demonstrations
 grpo-soup: setup
 	@.venv/bin/brep-rl grpo --config configs/grpo_smollm2_demonstrations_cooldown.yaml --resume_from_checkpoint last
@@ -60,9 +62,10 @@ grpo-soup: setup
 	@.venv/bin/brep-rl blend --out runs/grpo_soup --artifacts $(GRPO_ONLY_PICK) \
 		$(foreach s,10 20 30 40 50 60 70 80,runs/grpo_demonstrations_scratchpad_cooldown/checkpoint-$(s)) \
 		$(foreach s,5 10 15 20,runs/grpo_demonstrations_b128/checkpoint-$(s))
-	@.venv/bin/brep-rl eval $(CHAIN_SUM) --split train --offset 4000 --limit 500 --max_new_tokens 32 \
+	@.venv/bin/brep-rl eval $(CHAIN_SUM) --fallback last_number \
+		--split train --offset 4000 --limit 500 --max_new_tokens 32 \
 		--steering pick=$(GRPO_ONLY_PICK) --steering soup=runs/grpo_soup --output runs/eval_grpo_soup_validation
-	@.venv/bin/brep-rl eval $(CHAIN_SUM) --split test --limit 500 --max_new_tokens 128 \
+	@.venv/bin/brep-rl eval $(CHAIN_SUM) --fallback last_number --split test --limit 500 --max_new_tokens 128 \
 		--steering pick=$(GRPO_ONLY_PICK) --steering soup=runs/grpo_soup --output runs/eval_grpo_soup_test
 
 # Issue #8's matrix: every variant at a small fixed budget (modes, restraint, LoRA). About 2 hours; resumes.
