@@ -1,7 +1,7 @@
 """A check for a machine with a CUDA GPU (CI has none): every training and evaluation path on the GPU, briefly.
 
-For fp32 and bf16 bases: SFT of bias+prefix vectors with validation, GRPO from them with transformers rollouts, a
-GRPO run resumed from its middle checkpoint against the uninterrupted run, the artifact reloaded onto the GPU and
+For fp32 and bf16 bases: SFT of bias+prefix vectors with validation, GRPO from them with transformers rollouts
+(dynamic sampling, hints for unsolved groups, the GSM8K step-tier curriculum), a GRPO run resumed from its middle checkpoint against the uninterrupted run, the artifact reloaded onto the GPU and
 its steered logits against the same on the CPU, and the eval harness on the GPU. Exits non-zero at the first
 failure; prints one line per check.
 
@@ -67,10 +67,15 @@ def check_dtype(model: str, out: Path, dtype: str, device: str) -> None:
     check((sft / "best" / WEIGHTS_NAME).is_file(), f"SFT kept its best validated vectors ({sft}/best)")
 
     grpo = [*common, *GSM8K, "--init_from", str(sft), "--rollout_backend", "transformers", "--num_generations", "4",
-            "--max_completion_length", "12", "--temperature", "1.0",
+            "--max_completion_length", "12", "--temperature", "1.0", "--dynamic_sampling", "true", "--max_refills", "1",
+            "--hint_share", "0.5", "--curriculum", "gsm8k", "--curriculum_window", "4",
             "--extra_rewards", "testing_utils:text_length", "--allow_reward_imports", "true"]
     whole, resumed = out / f"grpo-{dtype}", out / f"grpo-{dtype}-resumed"
     verb(device, "grpo", *grpo, "--output_dir", str(whole))
+    first = json.loads((whole / "trainer_state.json").read_text())["log_history"][0]
+    check(first.get("dynamic/refills", 0) >= 1 and first.get("hints/groups", 0) >= 1 and "curriculum/level" in first,
+          f"GRPO refilled unsolved groups, hinted them and kept a curriculum level (sampler/trainer KL "
+          f"{first['rollout/kl_sampler_trainer']:.1e})")
     shutil.copytree(whole, resumed)
     shutil.rmtree(resumed / f"checkpoint-{STEPS}")
     verb(device, "grpo", *grpo, "--output_dir", str(resumed), "--resume_from_checkpoint", "last")

@@ -17,5 +17,5 @@ def test_the_gpu_check_passes_on_the_cpu(tiny_model_dir, tmp_path):
          "--device", "cpu"], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     checks = [line for line in proc.stdout.splitlines() if line.startswith(("ok ", "FAIL"))]
-    assert len(checks) == 2 * 10 and all(line.startswith("ok ") for line in checks), checks
+    assert len(checks) == 2 * 11 and all(line.startswith("ok ") for line in checks), checks
     assert proc.stdout.rstrip().endswith("all checks passed on the cpu")
