@@ -1,8 +1,9 @@
 """The transformers backend: `model.generate` through the steering hooks (any model; exact by construction).
 
-Tokens are chosen by `sample_token` - the same function the llama.cpp backend uses - inside a logits processor, so
-both backends sample alike, the sampled tokens' log-probs come back, and the draws come from a generator owned by
-the call: generate() itself decodes greedily over the processor's choice and never touches torch's global RNG.
+Tokens are chosen by `sample_tokens` - the batched `sample_token` the llama.cpp backend uses - inside a logits
+processor, so both backends sample alike, the sampled tokens' log-probs come back, and the draws come from a
+generator owned by the call: generate() itself decodes greedily over the processor's choice and never touches
+torch's global RNG.
 """
 
 from __future__ import annotations
@@ -15,28 +16,26 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from brep_rl.errors import ConfigError
 from brep_rl.rollout.base import Rollouts, Sampling, Tool, stop_token_ids
-from brep_rl.rollout.sampling import sample_token, sequence_rngs
+from brep_rl.rollout.sampling import sample_tokens, sequence_rngs
 from brep_rl.steering import SteeringVectors
 
 
 class _SampleWith(LogitsProcessor):
-    """Chooses each row's next token with sample_token and records its log-prob; the scores it returns leave
-    generate()'s greedy step nothing else to pick."""
+    """Chooses each row's next token with sample_tokens and records its log-prob; the scores it returns leave
+    generate()'s greedy step nothing else to pick. Tokens and log-probs stay on the model's device until the end."""
 
     def __init__(self, sampling: Sampling, rngs: list[np.random.Generator]):
         self.sampling, self.rngs = sampling, rngs
-        self.logprobs: list[list[float]] = []
+        self.steps: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        rows = scores.detach().double().cpu().numpy()
-        chosen = [sample_token(row, self.sampling, rng) for row, rng in zip(rows, self.rngs)]
-        if not self.logprobs:
-            self.logprobs = [[] for _ in chosen]
-        for record, (_, logprob) in zip(self.logprobs, chosen):
-            record.append(logprob)
-        picked = torch.full_like(scores, -torch.inf)
-        picked[torch.arange(len(chosen)), torch.tensor([token for token, _ in chosen])] = 0.0
-        return picked
+        tokens, logprobs = sample_tokens(scores.detach(), self.sampling, self.rngs)
+        self.steps.append(logprobs)
+        return torch.full_like(scores, -torch.inf).scatter_(-1, tokens.unsqueeze(-1), 0.0)
+
+    def logprobs(self) -> list[list[float]]:
+        """Per row, the log-prob of every token it chose."""
+        return torch.stack(self.steps, dim=1).tolist() if self.steps else [[] for _ in self.rngs]
 
 
 class TransformersBackend:
@@ -73,7 +72,7 @@ class TransformersBackend:
             )
         seconds = time.perf_counter() - start
         completions, logprobs = [], []
-        for row, row_logprobs in zip(out[:, width:].tolist(), chooser.logprobs):
+        for row, row_logprobs in zip(out[:, width:].tolist(), chooser.logprobs()):
             end = next((i + 1 for i, t in enumerate(row) if t in self.stop_ids), len(row))
             completions.append(row[:end])
             logprobs.append(row_logprobs[:end])

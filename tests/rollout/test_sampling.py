@@ -1,4 +1,4 @@
-"""sample_token: one token from one row of logits, as both backends choose it."""
+"""sample_token: one token from one row of logits, as both backends choose it; sample_tokens: the same for a batch."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 from brep_rl.rollout import Sampling
-from brep_rl.rollout.sampling import filter_logits, sample_token, sequence_rngs
+from brep_rl.rollout.sampling import filter_logits, sample_token, sample_tokens, sample_tokens_on_device, sequence_rngs
 
 
 def test_greedy_picks_the_argmax_and_reports_its_log_softmax():
@@ -81,3 +81,20 @@ def test_each_completion_draws_from_a_generator_keyed_by_its_prompt_seed_and_ind
     assert unseeded == draws(sequence_rngs(Sampling(4, seed=3), 2, 3)) and unseeded != together  # (sampling.seed, p, j)
     with pytest.raises(ValueError, match="2 prompts, 1 seeds"):
         sequence_rngs(sampling, 2, 3, seeds=[11])
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 0, 0.9), (0.8, 50, 1.0),
+                                                       (1.0, 20, 0.8), (0.7, 1, 1.0)])
+@pytest.mark.parametrize("batched", [sample_tokens, sample_tokens_on_device])  # the CPU's way and a GPU's
+def test_a_batch_chooses_what_each_row_alone_chooses_with_the_same_draws(batched, temperature, top_k, top_p):
+    sampling = Sampling(4, temperature=temperature, top_k=top_k, top_p=top_p)
+    scores = torch.randn(16, 3000, generator=torch.Generator().manual_seed(top_k), dtype=torch.float32) * 3
+    scores[0, :2] = scores[0].max() + 1  # a tie for the argmax: both take the first
+    one_by_one = [np.random.default_rng([5, i]) for i in range(16)]
+    batched_rngs = [np.random.default_rng([5, i]) for i in range(16)]
+    for _ in range(25):
+        expected = [sample_token(row, sampling, rng) for row, rng in zip(scores.numpy(), one_by_one)]
+        tokens, logprobs = batched(scores, sampling, batched_rngs)
+        assert tokens.tolist() == [token for token, _ in expected]
+        assert logprobs.tolist() == pytest.approx([logprob for _, logprob in expected], abs=1e-12)
+    assert [rng.random() for rng in one_by_one] == [rng.random() for rng in batched_rngs]  # the same number of draws
