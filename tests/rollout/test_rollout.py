@@ -13,10 +13,12 @@ from brep_rl.rollout import (
     Sampling,
     TransformersBackend,
     generate_each,
+    hf,
     make_backend,
     stop_token_ids,
 )
 from brep_rl.rollout.llama_cpp import LlamaCppBackend
+from brep_rl.rollout.sampling import sample_tokens_on_device
 from testing_utils import PROMPTS
 
 MORE_PROMPTS = PROMPTS + [
@@ -76,6 +78,19 @@ def test_transformers_backend_samples_with_its_own_seed_and_reports_logprobs(tin
     expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(completion)[:, None])[:, 0]
     assert torch.allclose(torch.tensor(first.logprobs[0], dtype=torch.float64), expected, atol=1e-4)
 
+
+
+@pytest.mark.parametrize("sampling", [Sampling(6), Sampling(6, temperature=1.0, top_p=0.9, seed=4)])
+def test_choosing_tokens_the_gpu_way_generates_what_the_cpu_way_does(tiny_llama, tokenizer, monkeypatch, sampling):
+    """On a GPU the backend chooses tokens with sample_tokens_on_device; CI has none, so run that path on the CPU."""
+    backend = TransformersBackend(tiny_llama, tokenizer)
+    ids = [tokenizer(p).input_ids for p in PROMPTS]
+    cpu_way = backend.generate(ids, 3, sampling)
+    monkeypatch.setattr(hf, "sample_tokens", sample_tokens_on_device)
+    gpu_way = backend.generate(ids, 3, sampling)
+    assert gpu_way.completion_ids == cpu_way.completion_ids
+    assert [len(lp) for lp in gpu_way.logprobs] == [len(c) for c in gpu_way.completion_ids]
+    assert sum(gpu_way.logprobs, []) == pytest.approx(sum(cpu_way.logprobs, []), abs=1e-12)
 
 # ---- llama.cpp on the real SmolLM2 ---------------------------------------------------------------------
 
