@@ -339,21 +339,11 @@ def fit_to_machine(args: TrainingArguments) -> None:
 
 
 @dataclass
-class SteeringSFTConfig(TrainingArguments):
-    """TrainingArguments with defaults for training a few KB of vectors on a CPU (TRL's suit full fine-tuning)."""
+class SteeringTrainingDefaults:
+    """What the SFT and GRPO configs share: defaults for training a few KB of vectors on a CPU (transformers' and
+    TRL's suit full fine-tuning on GPUs), and the machine checks before their own __post_init__."""
 
-    output_dir: str = "runs/sft"
-    learning_rate: float = 5e-3
-    lr_scheduler_type: str = "constant_with_warmup"
-    warmup_steps: float = 3
-    max_steps: int = 40
-    per_device_train_batch_size: int = 4
-    per_device_eval_batch_size: int = 8
     weight_decay: float = 0.0
-    logging_steps: float = 5
-    save_steps: float = 20
-    save_total_limit: int | None = 2
-    remove_unused_columns: bool = False  # keep response_start for the prefix window
     bf16: bool | None = False
     dataloader_pin_memory: bool = False
     seed: int = 0
@@ -369,8 +359,25 @@ class SteeringSFTConfig(TrainingArguments):
 
 
 @dataclass
-class SteeringGRPOConfig(GRPOConfig):
-    """GRPOConfig with defaults for a few KB of vectors on a CPU (TRL's are for full fine-tuning on GPUs)."""
+class SteeringSFTConfig(SteeringTrainingDefaults, TrainingArguments):
+    """TrainingArguments with our defaults (SteeringTrainingDefaults) and SFT's own."""
+
+    output_dir: str = "runs/sft"
+    learning_rate: float = 5e-3
+    lr_scheduler_type: str = "constant_with_warmup"
+    warmup_steps: float = 3
+    max_steps: int = 40
+    per_device_train_batch_size: int = 4
+    per_device_eval_batch_size: int = 8
+    logging_steps: float = 5
+    save_steps: float = 20
+    save_total_limit: int | None = 2
+    remove_unused_columns: bool = False  # keep response_start for the prefix window
+
+
+@dataclass
+class SteeringGRPOConfig(SteeringTrainingDefaults, GRPOConfig):
+    """GRPOConfig with our defaults (SteeringTrainingDefaults), GRPO's own, and dynamic sampling's settings."""
 
     output_dir: str = "runs/grpo"
     learning_rate: float = 3e-3
@@ -381,19 +388,10 @@ class SteeringGRPOConfig(GRPOConfig):
     max_completion_length: int | None = 32
     temperature: float = 0.7
     beta: float = 0.0
-    weight_decay: float = 0.0
     logging_steps: float = 1
     save_steps: float = 4
     save_total_limit: int | None = 2
-    bf16: bool | None = False
     activation_checkpointing: bool | None = False  # it re-runs forwards outside the steering hooks
-    dataloader_pin_memory: bool = False
-    seed: int = 0
-    # Same seed, same machine, same thread count: the same vectors. Without it two GRPO runs part at step 2 (a
-    # backward op accumulates in a varying order; Adam turns that float noise into full-size updates); no cost here.
-    full_determinism: bool = True
-    overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "replace a previous run in output_dir (its checkpoints, artifact and logs); without it such a folder is refused"})
     rollout_backend: BackendChoice = field(default="auto", metadata={"help": "what generates the rollouts (auto: "
                                            "llama.cpp for a GGUF base when llama-cpp-python is installed)"})
     dynamic_sampling: bool = field(default=False, metadata={
@@ -433,7 +431,6 @@ class SteeringGRPOConfig(GRPOConfig):
         if self.hint_share and self.hint_decay_steps is None and self.max_steps <= 0:
             raise ConfigError("--hint_share decays to 0 at --hint_decay_steps, which defaults to --max_steps; "
                               "this run counts epochs (max_steps unset): give --hint_decay_steps")
-        fit_to_machine(self)
         super().__post_init__()
 
 
