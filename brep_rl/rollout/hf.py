@@ -1,6 +1,6 @@
 """The transformers backend: `model.generate` through the steering hooks (any model; exact by construction).
 
-Tokens are chosen by `sample_tokens` - the batched `sample_token` the llama.cpp backend uses - inside a logits
+Tokens are chosen by `sample_tokens` - `sample_token`, which the llama.cpp backend uses, for a batch - inside a logits
 processor, so both backends sample alike, the sampled tokens' log-probs come back, and the draws come from a
 generator owned by the call: generate() itself decodes greedily over the processor's choice and never touches
 torch's global RNG.
@@ -22,7 +22,7 @@ from brep_rl.steering import SteeringVectors
 
 class _SampleWith(LogitsProcessor):
     """Chooses each row's next token with sample_tokens and records its log-prob; the scores it returns leave
-    generate()'s greedy step nothing else to pick. Tokens and log-probs stay on the model's device until the end."""
+    generate()'s greedy step nothing else to pick. The log-probs stay on the model's device until the end."""
 
     def __init__(self, sampling: Sampling, rngs: list[np.random.Generator]):
         self.sampling, self.rngs = sampling, rngs
@@ -31,7 +31,9 @@ class _SampleWith(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         tokens, logprobs = sample_tokens(scores.detach(), self.sampling, self.rngs)
         self.steps.append(logprobs)
-        return torch.full_like(scores, -torch.inf).scatter_(-1, tokens.unsqueeze(-1), 0.0)
+        picked = torch.full_like(scores, -torch.inf)
+        picked[torch.arange(len(tokens), device=scores.device), tokens] = 0.0
+        return picked
 
     def logprobs(self) -> list[list[float]]:
         """Per row, the log-prob of every token it chose."""

