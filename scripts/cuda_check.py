@@ -1,9 +1,9 @@
 """A check for a machine with a CUDA GPU (CI has none): every training and evaluation path on the GPU, briefly.
 
 For fp32 and bf16 bases: SFT of bias+prefix vectors with validation, GRPO from them with transformers rollouts
-(dynamic sampling, hints for unsolved groups, the GSM8K step-tier curriculum), a GRPO run resumed from its middle checkpoint against the uninterrupted run, the artifact reloaded onto the GPU and
-its steered logits against the same on the CPU, and the eval harness on the GPU. Exits non-zero at the first
-failure; prints one line per check.
+(dynamic sampling, hints for unsolved groups, the GSM8K step-tier curriculum), a GRPO run resumed from its middle
+checkpoint against the uninterrupted run, the artifact reloaded onto the GPU and its steered logits against the same
+on the CPU, and the eval harness on the GPU. Exits non-zero at the first failure; prints one line per check.
 
     python scripts/cuda_check.py --model HF_FOLDER --output runs/cuda_check
 

@@ -79,7 +79,6 @@ def test_transformers_backend_samples_with_its_own_seed_and_reports_logprobs(tin
     assert torch.allclose(torch.tensor(first.logprobs[0], dtype=torch.float64), expected, atol=1e-4)
 
 
-
 def test_greedy_tokens_chosen_the_gpu_way_are_those_the_cpu_way_chooses(tiny_llama, tokenizer, monkeypatch):
     """On a GPU the backend chooses greedy tokens with greedy_tokens_on_device; CI has none, so run it on the CPU."""
     backend = TransformersBackend(tiny_llama, tokenizer)
@@ -90,6 +89,7 @@ def test_greedy_tokens_chosen_the_gpu_way_are_those_the_cpu_way_chooses(tiny_lla
     assert gpu_way.completion_ids == cpu_way.completion_ids
     assert [len(lp) for lp in gpu_way.logprobs] == [len(c) for c in gpu_way.completion_ids]
     assert sum(gpu_way.logprobs, []) == pytest.approx(sum(cpu_way.logprobs, []), abs=1e-12)
+
 
 # ---- llama.cpp on the real SmolLM2 ---------------------------------------------------------------------
 

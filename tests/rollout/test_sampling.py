@@ -83,7 +83,6 @@ def test_each_completion_draws_from_a_generator_keyed_by_its_prompt_seed_and_ind
         sequence_rngs(sampling, 2, 3, seeds=[11])
 
 
-
 @pytest.mark.parametrize("temperature, top_k, top_p", [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 0, 0.9), (0.8, 50, 1.0),
                                                        (1.0, 20, 0.8), (0.7, 1, 1.0)])
 def test_a_batch_chooses_what_each_row_alone_chooses_with_the_same_draws(temperature, top_k, top_p):
