@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -23,20 +24,15 @@ VOCAB = 49152
 REPEATS = 5
 
 
-def row_by_row(scores: torch.Tensor, sampling: Sampling) -> list[tuple[int, float]]:
-    rngs = [np.random.default_rng(i) for i in range(len(scores))]
+def row_by_row(scores: torch.Tensor, sampling: Sampling, rngs: list[np.random.Generator]) -> list[tuple[int, float]]:
     return [sample_token(row, sampling, rng) for row, rng in zip(scores.double().cpu().numpy(), rngs)]
 
 
-def on_device(scores: torch.Tensor, sampling: Sampling) -> list[int]:
-    return greedy_tokens_on_device(scores)[0].tolist()  # the tokens reach the CPU, as generate's next step needs
-
-
-def milliseconds(choose, scores: torch.Tensor, sampling: Sampling) -> float:
-    choose(scores, sampling)  # warm-up
+def milliseconds(choose: Callable[[], object]) -> float:
+    choose()  # warm-up
     start = time.perf_counter()
     for _ in range(REPEATS):
-        choose(scores, sampling)
+        choose()
     return (time.perf_counter() - start) / REPEATS * 1e3
 
 
@@ -49,13 +45,18 @@ def main() -> None:
     rows = []
     for batch in (16, 128, 256):
         scores = (torch.randn(batch, VOCAB, generator=torch.Generator().manual_seed(batch)) * 3).to(args.device)
-        greedy = Sampling(1)
-        numpy_ms, device_ms = milliseconds(row_by_row, scores, greedy), milliseconds(on_device, scores, greedy)
+        rngs = [np.random.default_rng(i) for i in range(batch)]  # made once per generate call, not per step
+
+        def numpy_way(sampling: Sampling) -> float:
+            return milliseconds(lambda: row_by_row(scores, sampling, rngs))
+
+        numpy_ms = numpy_way(Sampling(1))
+        # the tokens reach the CPU, as generate's next step needs
+        device_ms = milliseconds(lambda: greedy_tokens_on_device(scores)[0].tolist())
         rows.append({"batch": batch, "greedy, numpy row by row, ms": numpy_ms, "greedy, on the device, ms": device_ms,
                      "device / numpy": device_ms / numpy_ms,
-                     "T=0.8, numpy, ms": milliseconds(row_by_row, scores, Sampling(1, temperature=0.8)),
-                     "T=0.8 top-p 0.95, numpy, ms": milliseconds(row_by_row, scores,
-                                                                 Sampling(1, temperature=0.8, top_p=0.95))})
+                     "T=0.8, numpy, ms": numpy_way(Sampling(1, temperature=0.8)),
+                     "T=0.8 top-p 0.95, numpy, ms": numpy_way(Sampling(1, temperature=0.8, top_p=0.95))})
     write(f"sampling_cost-{args.device.split(':')[0]}", f"Choosing the next token, per step, scores on the {args.device}",
           rows, notes=f"Vocabulary {VOCAB}; mean of {REPEATS} steps after a warm-up; torch threads {args.threads}.",
           device=args.device)
