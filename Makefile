@@ -27,7 +27,7 @@ demo: setup
 
 # Every benchmark, one after another (run nothing else meanwhile): JSON + markdown tables in benchmarks/results/.
 bench: setup
-	@cd benchmarks && for b in generation_overhead verifier_throughput rollout_backends gsm8k_eval_time grpo_cost multi_process sampling_cost; do \
+	@cd benchmarks && for b in generation_overhead verifier_throughput rollout_backends gsm8k_eval_time grpo_cost multi_process sampling_cost packing; do \
 		echo "== $$b"; ../$(PY) $$b.py || exit 1; done
 
 # Issue #15: the chain_sum picks at equal wall-clock (SFT-only, SFT -> GRPO, GRPO-only), picked on validation,

@@ -408,6 +408,10 @@ class SteeringGRPOConfig(SteeringTrainingDefaults, GRPOConfig):
     demonstration_groups: Literal["unsolved", "every"] = field(default="unsolved", metadata={
         "help": "the groups --demonstrations guides: unsolved ones, or every group (LUFFY's mix: the reference "
                 "beside the policy's samples wherever it is right)"})
+    pack_micro_batches: bool = field(default=True, metadata={
+        "help": "train a generation batch's rows sorted by completion length, each micro-batch cut to its longest "
+                "completion, rows with zero advantage left out (beta 0): the same update for less compute; applied "
+                "where it is exact (loss_type dapo or cispo, one optimizer step per generation batch)"})
     calculator: bool = field(default=False, metadata={
         "help": "GSM8K's calculator in the rollouts (llama.cpp): after `expression =` the result is written for the "
                 "policy and left out of the loss; validation and the final eval use it too"})

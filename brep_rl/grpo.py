@@ -38,6 +38,7 @@ from brep_rl.data import prompt_batch, with_scratchpads
 from brep_rl.dynamic_sampling import ScoredGroup, informative_groups
 from brep_rl.errors import ConfigError, DataError
 from brep_rl.evaluate import failed_problems
+from brep_rl.packing import pack_micro_batches
 from brep_rl.rollout import Backend, Calculator, Sampling, TransformersBackend, hash_seed, make_backend
 from brep_rl.steering import SteeringVectors
 from brep_rl.training import (
@@ -133,6 +134,10 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
         self._guided: Counter = Counter()  # hinted groups this step (and how many then had a signal), demonstrations
         self._drawn_accuracy: list[float] | None = None  # this step's groups as dynamic sampling drew them
         self._trainer_logps: torch.Tensor | None = None
+        # packing changes which micro-batch a row is in: exact only for a loss summed over the generation batch
+        self.packing = (args.pack_micro_batches and self.loss_type in ("dapo", "cispo") and self.num_iterations == 1
+                        and args.steps_per_generation == args.gradient_accumulation_steps
+                        and self.top_entropy_quantile == 1.0 and not self._entropy_bonus_enabled)
         self._verifier_seen = verifier_stats()
         self._failures_seen = dict(reward_failures)
 
@@ -173,6 +178,17 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
         # env_mask: TRL leaves the tokens a tool wrote (0) out of the loss and the importance ratios
         return {"prompt_ids": rollouts.prompt_ids, "completion_ids": rollouts.completion_ids, "logprobs": rollouts.logprobs,
                 **({"env_mask": rollouts.tool_mask} if self.tool is not None else {})}
+
+    def _prepare_inputs(self, generation_batch):
+        fresh = self.model.training and (
+            self._buffered_inputs is None or self._step % (self.args.steps_per_generation * self.num_iterations) == 0)
+        inputs = super()._prepare_inputs(generation_batch)
+        if fresh and self.packing:  # TRL has just generated, shuffled and split a batch: pack it (brep_rl/packing.py)
+            self._buffered_inputs, stats = pack_micro_batches(self._buffered_inputs, drop_zero_advantage=not self.beta)
+            for key, value in stats.as_metrics().items():
+                self._metrics["train"][key].append(value)
+            inputs = self._buffered_inputs[self._step % self.args.steps_per_generation]
+        return inputs
 
     # ---- dynamic sampling ------------------------------------------------------------------------------------
 
