@@ -38,7 +38,7 @@ from brep_rl.data import prompt_batch, with_scratchpads
 from brep_rl.dynamic_sampling import ScoredGroup, informative_groups
 from brep_rl.errors import ConfigError, DataError
 from brep_rl.evaluate import failed_problems
-from brep_rl.packing import pack_micro_batches
+from brep_rl.packing import pack_micro_batches, signal_rows
 from brep_rl.rollout import Backend, Calculator, Sampling, TransformersBackend, hash_seed, make_backend
 from brep_rl.steering import SteeringVectors
 from brep_rl.training import (
@@ -184,7 +184,11 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
             self._buffered_inputs is None or self._step % (self.args.steps_per_generation * self.num_iterations) == 0)
         inputs = super()._prepare_inputs(generation_batch)
         if fresh and self.packing:  # TRL has just generated, shuffled and split a batch: pack it (brep_rl/packing.py)
-            self._buffered_inputs, stats = pack_micro_batches(self._buffered_inputs, drop_zero_advantage=not self.beta)
+            keep_rows = None  # with beta > 0 a zero-advantage row still has the KL term's gradient
+            if not self.beta:  # at least a row per micro-batch, and as many rows on every process
+                local = torch.tensor([signal_rows(self._buffered_inputs)], device=self.accelerator.device)
+                keep_rows = max(int(self.accelerator.gather(local).max()), self.args.steps_per_generation)
+            self._buffered_inputs, stats = pack_micro_batches(self._buffered_inputs, keep_rows)
             for key, value in stats.as_metrics().items():
                 self._metrics["train"][key].append(value)
             inputs = self._buffered_inputs[self._step % self.args.steps_per_generation]

@@ -28,21 +28,31 @@ class PackStats:
         return {"packing/rows": self.rows, "packing/cells": self.cells}
 
 
-def pack_micro_batches(batches: list[dict[str, Any]], drop_zero_advantage: bool) -> tuple[list[dict[str, Any]], PackStats]:
+def signal_rows(batches: list[dict[str, Any]]) -> int:
+    """How many rows of the generation batch have a non-zero advantage."""
+    return int(sum(_has_signal(batch["advantages"]).sum() for batch in batches))
+
+
+def pack_micro_batches(batches: list[dict[str, Any]], keep_rows: int | None = None) -> tuple[list[dict[str, Any]], PackStats]:
     """`batches`: one generation batch as TRL split it (same keys; tensors and lists by row, 0-dim tensors shared).
-    Returns as many micro-batches, sorted by completion length and cut to their longest completion."""
+    Returns as many micro-batches, sorted by completion length and cut to their longest completion. `keep_rows`:
+    train the rows with a non-zero advantage and the shortest others up to this many (None: every row)."""
     merged = {key: _concat([batch[key] for batch in batches]) for key in batches[0]}
     mask = merged["completion_mask"]
     lengths, rows = mask.sum(1), torch.arange(mask.size(0))
     kept = rows
-    if drop_zero_advantage:
-        signal = merged["advantages"].reshape(len(rows), -1).ne(0).any(1)
+    if keep_rows is not None:
+        signal = _has_signal(merged["advantages"])
         spare = rows[~signal][lengths[~signal].argsort(stable=True)]  # the shortest first: the cheapest to carry
-        kept = torch.cat([rows[signal], spare[: max(0, len(batches) - int(signal.sum()))]])
+        kept = torch.cat([rows[signal], spare[: max(0, keep_rows - int(signal.sum()))]])
     order = kept[lengths[kept].argsort(stable=True)]
     packed = [_rows(merged, chunk, mask.size(1)) for chunk in order.tensor_split(len(batches))]
     cells = sum(batch["completion_mask"].numel() for batch in packed) / mask.numel()
     return packed, PackStats(rows=len(kept) / len(rows), cells=cells)
+
+
+def _has_signal(advantages: torch.Tensor) -> torch.Tensor:
+    return advantages.reshape(len(advantages), -1).ne(0).any(1)
 
 
 def _concat(values: list) -> Any:

@@ -4,7 +4,7 @@ import torch
 from trl.trainer.utils import split_tensor_dict
 
 from brep_rl.grpo import main as grpo_main
-from brep_rl.packing import pack_micro_batches
+from brep_rl.packing import pack_micro_batches, signal_rows
 from testing_utils import grpo_args
 
 
@@ -31,7 +31,8 @@ def generation_batch(rows: int = 12, prompt: int = 6, width: int = 10, seed: int
 def test_packing_sorts_rows_by_length_cuts_the_padding_and_leaves_out_zero_advantage_rows():
     batch = generation_batch()
     batch["prompt_ids"][:, -1] = torch.arange(12)  # the row's id
-    batches, stats = pack_micro_batches(split_tensor_dict(batch, 3), drop_zero_advantage=True)
+    assert signal_rows(split_tensor_dict(batch, 3)) == 8
+    batches, stats = pack_micro_batches(split_tensor_dict(batch, 3), keep_rows=3)
     assert [b["completion_mask"].sum(1).tolist() for b in batches] == [[1, 2, 3], [3, 4, 6], [9, 10]]  # the 8 with a signal
     assert [b["completion_ids"].size(1) for b in batches] == [3, 6, 10]  # each cut to its longest completion
     assert stats.rows == 8 / 12 and stats.cells == (3 * 3 + 3 * 6 + 2 * 10) / (12 * 10)
@@ -42,11 +43,11 @@ def test_packing_sorts_rows_by_length_cuts_the_padding_and_leaves_out_zero_advan
             assert torch.equal(b["completion_ids"][i], batch["completion_ids"][row, : b["completion_ids"].size(1)])
             assert torch.equal(b["prompt_mask"][i], batch["prompt_mask"][row])
 
-    batch["advantages"][1:] = 0.0  # one row with a signal: the shortest spare rows keep every micro-batch running
-    batches, stats = pack_micro_batches(split_tensor_dict(batch, 3), drop_zero_advantage=True)
-    assert [b["prompt_ids"][:, -1].tolist() for b in batches] == [[0], [7], [4]]
-    assert stats.rows == 3 / 12
-    batches, stats = pack_micro_batches(split_tensor_dict(batch, 3), drop_zero_advantage=False)  # beta > 0
+    batch["advantages"][1:] = 0.0  # one row with a signal: the shortest others make up the rows asked for
+    batches, stats = pack_micro_batches(split_tensor_dict(batch, 3), keep_rows=4)
+    assert [b["prompt_ids"][:, -1].tolist() for b in batches] == [[0, 7], [4], [9]]
+    assert stats.rows == 4 / 12
+    batches, stats = pack_micro_batches(split_tensor_dict(batch, 3))  # beta > 0: every row
     assert stats.rows == 1.0 and sum(len(b["advantages"]) for b in batches) == 12
 
 
@@ -68,7 +69,7 @@ def test_the_packed_micro_batches_give_the_same_gradient_as_trls_split(tiny_mode
         return {name: p.grad.clone() for name, p in steer.vectors().items()}
 
     trl_split = gradient(split_tensor_dict(batch, 3))
-    packed, stats = pack_micro_batches(split_tensor_dict(batch, 3), drop_zero_advantage=True)
+    packed, stats = pack_micro_batches(split_tensor_dict(batch, 3), keep_rows=3)
     assert stats.cells < 0.5
     packed_gradient = gradient(packed)
     assert any(g.abs().sum() > 0 for g in trl_split.values())
