@@ -8,7 +8,7 @@ the gradient does not depend on which micro-batch a row is in. So the rows are s
 into as many micro-batches as before, and each is cut to its own longest completion. Rows whose advantage is zero
 (every row of a group whose samples all score the same) add 0 x ratio to that sum: with beta = 0 they are left out,
 all but as many as keep every micro-batch non-empty (the trainer runs, and DDP syncs, one forward and backward per
-micro-batch).
+micro-batch) and every process at the same number of rows (TRL gathers per-row metrics across processes).
 """
 
 from __future__ import annotations
@@ -68,13 +68,13 @@ def _rows(merged: dict[str, Any], index: torch.Tensor, width: int) -> dict[str, 
     """The rows `index` of every per-row value; completion-aligned tensors cut to the longest completion among them
     (a later position never changes an earlier one's log-prob, and outside the mask it is not in the loss)."""
     used = merged["completion_mask"][index].any(0).nonzero()
-    keep = int(used.max()) + 1 if len(used) else 1
+    longest = int(used.max()) + 1 if len(used) else 1
     out: dict[str, Any] = {}
     for key, value in merged.items():
         if isinstance(value, torch.Tensor) and value.ndim > 0:
             value = value[index]
             if value.ndim > 1 and value.size(1) == width and not key.startswith("prompt"):
-                value = value[:, :keep]
+                value = value[:, :longest]
         elif isinstance(value, list):
             value = [value[i] for i in index.tolist()]
         out[key] = value
