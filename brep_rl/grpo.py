@@ -180,10 +180,10 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, GRPOTrainer):
                 **({"env_mask": rollouts.tool_mask} if self.tool is not None else {})}
 
     def _prepare_inputs(self, generation_batch):
-        fresh = self.model.training and (
-            self._buffered_inputs is None or self._step % (self.args.steps_per_generation * self.num_iterations) == 0)
+        buffered = self._buffered_inputs
         inputs = super()._prepare_inputs(generation_batch)
-        if fresh and self.packing:  # TRL has just generated, shuffled and split a batch: pack it (brep_rl/packing.py)
+        # a new buffer: TRL has just generated, shuffled and split a training batch; pack it (brep_rl/packing.py)
+        if self.packing and self._buffered_inputs is not buffered:
             keep_rows = None  # with beta > 0 a zero-advantage row still has the KL term's gradient
             if not self.beta:  # at least a row per micro-batch, and as many rows on every process
                 local = torch.tensor([signal_rows(self._buffered_inputs)], device=self.accelerator.device)

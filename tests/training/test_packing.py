@@ -8,20 +8,20 @@ from brep_rl.packing import pack_micro_batches, signal_rows
 from testing_utils import grpo_args
 
 
-def generation_batch(rows: int = 12, prompt: int = 6, width: int = 10, seed: int = 0) -> dict:
-    """A generation batch as TRL hands it to the loss: groups of 4, one group whose rewards were all equal
-    (advantage 0), completions of every length up to `width` (right-padded), left-padded prompts."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.tensor([1, width, 3, 4, 2, 7, 5, 1, 9, 2, 6, 3])[:rows]
-    completion_mask = (torch.arange(width) < lengths[:, None]).long()
-    prompt_mask = torch.ones(rows, prompt, dtype=torch.long)
+def generation_batch() -> dict:
+    """A generation batch as TRL hands it to the loss: 12 rows in groups of 4, one group whose rewards were all
+    equal (advantage 0), completions of 1 to 10 tokens (right-padded to 10), prompts of 6 tokens, some left-padded."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([1, 10, 3, 4, 2, 7, 5, 1, 9, 2, 6, 3])
+    completion_mask = (torch.arange(10) < lengths[:, None]).long()
+    prompt_mask = torch.ones(12, 6, dtype=torch.long)
     prompt_mask[4:8, :2] = 0
-    advantages = torch.randn(rows, generator=g)
+    advantages = torch.randn(12, generator=g)
     advantages[4:8] = 0.0  # a group without signal
     return {
-        "prompt_ids": torch.randint(3, 1000, (rows, prompt), generator=g) * prompt_mask,
+        "prompt_ids": torch.randint(3, 1000, (12, 6), generator=g) * prompt_mask,
         "prompt_mask": prompt_mask,
-        "completion_ids": torch.randint(3, 1000, (rows, width), generator=g) * completion_mask,
+        "completion_ids": torch.randint(3, 1000, (12, 10), generator=g) * completion_mask,
         "completion_mask": completion_mask,
         "advantages": advantages,
         "num_items_in_batch": completion_mask.sum(),
