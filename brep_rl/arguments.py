@@ -169,6 +169,9 @@ class SFTDataArguments(TaskArguments):
     self_samples: int = field(default=8, metadata={"help": "solutions self: samples per problem"})
     self_temperature: float = 0.7
     self_max_new_tokens: int = 64
+    self_calculator: bool = field(default=False, metadata={
+        "help": "solutions self: GSM8K's calculator in the sampling (llama.cpp), as in GRPO's --calculator; the "
+                "results it wrote stay in the targets"})
     heldout: int = field(default=32, metadata={"help": "problems kept out of training, from the end of the selection, for held-out loss"})
     truncate_prob: float = field(default=0.9, metadata={"help": "probability that an example keeps loss on the first truncate_tokens only (0: plain SFT)"})
     truncate_tokens: int = field(default=64, metadata={"help": "answer tokens that carry loss in a truncated example"})
@@ -186,6 +189,9 @@ class SFTDataArguments(TaskArguments):
         _positive("truncate_tokens", self.truncate_tokens)
         _positive("self_samples", self.self_samples)
         _positive("self_temperature", self.self_temperature)
+        if self.self_calculator and self.solutions != "self":
+            raise ConfigError(f"--self_calculator samples the model's own solutions: it needs --solutions self, "
+                              f"got {self.solutions}")
         if self.max_length < 2:
             raise ConfigError(f"--max_length: expected >= 2, got {self.max_length}")
         _non_negative("heldout", self.heldout)

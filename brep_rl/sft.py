@@ -26,7 +26,7 @@ from brep_rl.arguments import (
 )
 from brep_rl.data import DEFAULT_INSTRUCTION, Problem, chat_prompt_ids, prompt_batch, with_scratchpads
 from brep_rl.errors import DataError
-from brep_rl.rollout import Sampling, hash_seed, make_backend
+from brep_rl.rollout import Calculator, Sampling, generate_each, hash_seed, make_backend
 from brep_rl.training import (
     SteeringTrainerMixin,
     add_validation,
@@ -131,23 +131,25 @@ class SteeringSFTTrainer(SteeringTrainerMixin, Trainer):
 def self_solutions(problems: list[Problem], model, tokenizer, steer, model_name: str, data_args: SFTDataArguments,
                    seed: int) -> list[Problem]:
     """Rejection sampling (STaR / RFT): each problem's solution becomes the first of `self_samples` completions of the
-    model (with the vectors training starts from) that the accuracy reward accepts; problems without one are dropped."""
+    model (with the vectors training starts from) that the accuracy reward accepts; problems without one are dropped.
+    A problem's samples are seeded by its id, and the next problem starts as soon as one finishes (llama.cpp)."""
     backend = make_backend("auto", model, tokenizer, model_name, [steer.config], torch.get_num_threads())
     backend.sync(steer)
     accuracy = reward_function("accuracy", "last_number")
+    tool = Calculator(tokenizer) if data_args.self_calculator else None
     k = data_args.self_samples
-    kept: list[Problem] = []
-    chunk = 16  # prompts per generate call: bounds the backend's memory
-    for start in tqdm(range(0, len(problems), chunk), desc="rejection sampling", unit="batch"):
-        batch = problems[start : start + chunk]
-        ids = chat_prompt_ids(tokenizer, batch, data_args.instruction, data_args.system_prompt)
-        sampling = Sampling(data_args.self_max_new_tokens, data_args.self_temperature, seed=hash_seed(seed, "rft", start))
-        texts = tokenizer.batch_decode(backend.generate(ids, k, sampling).completion_ids, skip_special_tokens=True)
-        scores = accuracy(completions=texts, answer=[p.answer for p in batch for _ in range(k)])
-        for i, problem in enumerate(batch):
-            right = next((texts[j] for j in range(i * k, (i + 1) * k) if scores[j]), None)
-            if right is not None:
-                kept.append(dataclasses.replace(problem, solution=right.strip()))
+    sampling = Sampling(data_args.self_max_new_tokens, data_args.self_temperature)
+    ids = chat_prompt_ids(tokenizer, problems, data_args.instruction, data_args.system_prompt)
+    seeds = [hash_seed(seed, "rft", p.id) for p in problems]
+    right: dict[int, str] = {}
+    each = generate_each(backend, ids, k, sampling, seeds, running=128, tool=tool)  # 128 sequences: bounded memory
+    for index, rollouts in tqdm(each, total=len(problems), desc="rejection sampling", unit="problem"):
+        texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
+        scores = accuracy(completions=texts, answer=[problems[index].answer] * k)
+        hit = next((text for text, score in zip(texts, scores) if score), None)
+        if hit is not None:
+            right[index] = hit.strip()
+    kept = [dataclasses.replace(problems[i], solution=right[i]) for i in sorted(right)]
     logger.warning("rejection sampling: %d of %d problems have a correct sample (%d samples each, temperature %s)",
                    len(kept), len(problems), k, data_args.self_temperature)
     return kept

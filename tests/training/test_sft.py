@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from brep_rl.data import Problem, scratchpad_solution
+from brep_rl.errors import ConfigError
 from brep_rl.sft import SFTCollator, build_sft_examples
 from brep_rl.sft import main as sft_main
 from testing_utils import sft_args
@@ -124,6 +125,33 @@ def test_rejection_sampling_trains_on_the_models_own_correct_samples(tiny_model_
     for row in trainer.train_dataset:  # every target is a sample of the model itself, not the reference solution
         target = trainer.processing_class.decode([t for t in row["labels"] if t != -100], skip_special_tokens=True)
         assert "####" not in target
+
+
+def test_rejection_sampling_seeds_each_problem_by_its_id(tiny_llama, tokenizer, monkeypatch):
+    """A problem's samples do not depend on which problems are drawn with it (nor on their order)."""
+    from brep_rl import SteeringConfig, SteeringVectors, sft
+    from brep_rl.arguments import SFTDataArguments
+    from testing_utils import rare_hit
+
+    monkeypatch.setattr(sft, "reward_function", lambda name, fallback: rare_hit)
+    steer = SteeringVectors.attach(tiny_llama, SteeringConfig(mode="bias"))
+    args = SFTDataArguments(solutions="self", self_samples=4, self_max_new_tokens=8)
+    drawn = problems(12)
+
+    def kept(subset):
+        return {p.id: p.solution for p in sft.self_solutions(subset, tiny_llama, tokenizer, steer, "tiny", args, seed=0)}
+
+    everything = kept(drawn)
+    assert everything  # some problems have a "right" sample
+    assert kept(drawn[::-3]) == {i: s for i, s in everything.items() if i in {p.id for p in drawn[::-3]}}
+
+
+def test_the_calculator_in_rejection_sampling_needs_llama_cpp_and_self_solutions(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        sft_main(sft_args(tiny_model_dir, tmp_path / "a", "--self_calculator", "true"))
+    assert "--self_calculator samples the model's own solutions: it needs --solutions self" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"--calculator\) needs the llama.cpp backend"):  # the tool reached the sampler
+        sft_main(sft_args(tiny_model_dir, tmp_path / "b", "--solutions", "self", "--self_calculator", "true"))
 
 
 @pytest.mark.parametrize("expression, lines", [
