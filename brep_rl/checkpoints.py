@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 STAGING = ".staging"  # where a checkpoint is written before it is renamed into place
 NORMS = "norms.jsonl"
 TRAINER_STATE = "trainer_state.json"
+SELF_SOLUTIONS = "self_solutions.json"  # SFT --solutions self: the correct samples drawn, for a resume
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -98,7 +99,7 @@ def previous_run(run: Path) -> list[str]:
     if not run.is_dir():
         return []
     names = [p.name for p in checkpoints(run)]
-    return names + [n for n in (WEIGHTS_NAME, CONFIG_NAME, NORMS, TRAINER_STATE) if (run / n).exists()]
+    return names + [n for n in (WEIGHTS_NAME, CONFIG_NAME, NORMS, TRAINER_STATE, SELF_SOLUTIONS) if (run / n).exists()]
 
 
 def prepare_output_dir(output_dir: str, resume: str | None, overwrite: bool, is_main: bool) -> None:

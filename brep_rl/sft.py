@@ -8,9 +8,13 @@ otherwise the loss covers the whole answer. Prompt tokens never carry loss. Only
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -24,8 +28,10 @@ from brep_rl.arguments import (
     SteeringSFTConfig,
     ValidationArguments,
 )
+from brep_rl.checkpoints import SELF_SOLUTIONS
 from brep_rl.data import DEFAULT_INSTRUCTION, Problem, chat_prompt_ids, prompt_batch, with_scratchpads
-from brep_rl.errors import DataError
+from brep_rl.errors import ConfigError, DataError
+from brep_rl.files import write_json
 from brep_rl.rollout import Calculator, Sampling, generate_each, hash_seed, make_backend
 from brep_rl.training import (
     SteeringTrainerMixin,
@@ -155,6 +161,32 @@ def self_solutions(problems: list[Problem], model, tokenizer, steer, model_name:
     return kept
 
 
+def kept_self_solutions(problems: list[Problem], model, tokenizer, steer, model_args: ModelArguments,
+                        steer_args: SteeringArguments, data_args: SFTDataArguments,
+                        train_args: SteeringSFTConfig) -> list[Problem]:
+    """`self_solutions`, kept in output_dir/self_solutions.json: a resumed run trains on the samples it drew (on
+    GSM8K the draw is most of the run, ~40 min) instead of drawing them again, and they can be read."""
+    path = Path(train_args.output_dir) / SELF_SOLUTIONS
+    settings = {"init_from": steer_args.init_from, "seed": train_args.seed, "samples": data_args.self_samples,
+                "temperature": data_args.self_temperature, "max_new_tokens": data_args.self_max_new_tokens,
+                "calculator": data_args.self_calculator,
+                "problems": hashlib.sha256("\n".join(p.id for p in problems).encode()).hexdigest()}
+    if train_args.resume_from_checkpoint and path.exists():
+        stored = json.loads(path.read_text())
+        changed = {k: (stored["settings"].get(k), v) for k, v in settings.items() if stored["settings"].get(k) != v}
+        if changed:
+            shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise ConfigError(f"{path} holds samples drawn with other settings ({shown}): resume with the run's own "
+                              "settings, or start a new --output_dir")
+        by_id = {p.id: p for p in problems}
+        logger.warning("rejection sampling: %d correct samples read from %s", len(stored["solutions"]), path)
+        return [dataclasses.replace(by_id[i], solution=text) for i, text in stored["solutions"]]
+    kept = self_solutions(problems, model, tokenizer, steer, model_args.model, data_args, train_args.seed)
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_json(path, {"settings": settings, "solutions": [[p.id, p.solution] for p in kept]})
+    return kept
+
+
 def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args: SFTDataArguments, train_args: SteeringSFTConfig, val_args: ValidationArguments | None = None) -> SteeringSFTTrainer:
     """Train, save the artifact to output_dir, report held-out loss before/after and (main process) a short eval."""
     claim_output_dir(train_args)
@@ -176,7 +208,7 @@ def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args
 
     model, tokenizer, steer = load_for_training(model_args, steer_args, calibration)
     if data_args.solutions == "self":
-        train_problems = self_solutions(train_problems, model, tokenizer, steer, model_args.model, data_args, train_args.seed)
+        train_problems = kept_self_solutions(train_problems, model, tokenizer, steer, model_args, steer_args, data_args, train_args)
     train_rows, stats = examples(train_problems, train_args.seed)
     heldout_rows, _ = examples(heldout_problems, train_args.seed + 1)
     logger.warning("SFT data: %s", stats.describe(data_args.max_length, data_args.truncate_tokens))

@@ -146,6 +146,32 @@ def test_rejection_sampling_seeds_each_problem_by_its_id(tiny_llama, tokenizer, 
     assert kept(drawn[::-3]) == {i: s for i, s in everything.items() if i in {p.id for p in drawn[::-3]}}
 
 
+def test_a_resumed_rejection_sampling_run_trains_on_the_samples_it_drew(tiny_model_dir, tmp_path, monkeypatch):
+    from brep_rl import sft
+    from testing_utils import rare_hit
+
+    monkeypatch.setattr(sft, "reward_function", lambda name, fallback: rare_hit)
+    rft = ("--solutions", "self", "--self_samples", "4", "--self_max_new_tokens", "8")
+    whole = sft_main(sft_args(tiny_model_dir, tmp_path / "whole", *rft))
+    sft_main(sft_args(tiny_model_dir, tmp_path / "cut", *rft, "--max_steps", "2"))  # "killed" after step 2
+    drawn = json.loads((tmp_path / "cut" / "self_solutions.json").read_text())["solutions"]
+    assert drawn and drawn == json.loads((tmp_path / "whole" / "self_solutions.json").read_text())["solutions"]
+    with pytest.raises(ConfigError, match=r"drawn with other settings \(temperature: 0.7 -> 0.9\)"):
+        sft_main(sft_args(tiny_model_dir, tmp_path / "cut", *rft, "--self_temperature", "0.9", "--resume_from_checkpoint", "last"))
+    monkeypatch.setattr(sft, "self_solutions", lambda *a, **k: pytest.fail("sampled again on resume"))
+    resumed = sft_main(sft_args(tiny_model_dir, tmp_path / "cut", *rft, "--resume_from_checkpoint", "last"))
+    assert resumed.state.global_step == 4
+    assert torch.allclose(resumed.steer.bias, whole.steer.bias, atol=1e-6)
+    # killed after the draw, before the first checkpoint: a fresh start is refused, a resume trains on the draw
+    sampled = tmp_path / "sampled"
+    sampled.mkdir()
+    (sampled / "self_solutions.json").write_text((tmp_path / "cut" / "self_solutions.json").read_text())
+    with pytest.raises(ConfigError, match=r"holds a previous run \(self_solutions.json\)"):
+        sft_main(sft_args(tiny_model_dir, sampled, *rft))
+    again = sft_main(sft_args(tiny_model_dir, sampled, *rft, "--resume_from_checkpoint", "last"))
+    assert torch.allclose(again.steer.bias, whole.steer.bias, atol=1e-6)
+
+
 def test_the_calculator_in_rejection_sampling_needs_llama_cpp_and_self_solutions(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         sft_main(sft_args(tiny_model_dir, tmp_path / "a", "--self_calculator", "true"))
