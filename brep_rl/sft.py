@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from brep_rl.training import (
     add_validation,
     claim_output_dir,
     final_eval,
+    launched_as_main,
     load_for_training,
     train_and_save,
 )
@@ -182,7 +182,7 @@ def kept_self_solutions(problems: list[Problem], model, tokenizer, steer, model_
         logger.warning("rejection sampling: %d correct samples read from %s", len(stored["solutions"]), path)
         return [dataclasses.replace(by_id[i], solution=text) for i, text in stored["solutions"]]
     kept = self_solutions(problems, model, tokenizer, steer, model_args.model, data_args, train_args.seed)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launched_as_main():
         write_json(path, {"settings": settings, "solutions": [[p.id, p.solution] for p in kept]})
     return kept
 

@@ -68,10 +68,14 @@ def load_for_training(model_args: ModelArguments, steer_args: SteeringArguments,
     return model, tokenizer, steer
 
 
+def launched_as_main() -> bool:
+    """Rank 0 of the launch (or the only process), known before a Trainer and its accelerator exist."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def claim_output_dir(args) -> None:
     """Before any work: refuse an output_dir holding a previous run unless resuming or overwriting it."""
-    prepare_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir,
-                       is_main=int(os.environ.get("RANK", "0")) == 0)
+    prepare_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir, is_main=launched_as_main())
 
 
 def add_validation(trainer, val_args, data_args, model_args, seed: int) -> None:
