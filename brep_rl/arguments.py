@@ -594,7 +594,7 @@ class BlendArguments:
 
 @dataclass
 class LoraArguments:
-    """The LoRA GRPO reference (`brep-rl lora`)."""
+    """The LoRA references (`brep-rl lora`: GRPO, `brep-rl lora-sft`: SFT)."""
 
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = 32

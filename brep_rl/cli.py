@@ -80,6 +80,12 @@ def _lora(*args):
     run_lora_grpo(*args)
 
 
+def _lora_sft(*args):
+    from brep_rl.lora import run_lora_sft
+
+    run_lora_sft(*args)
+
+
 def _eval(args: EvalArguments) -> None:
     import torch
 
@@ -166,6 +172,8 @@ VERBS = {
     "blend": Verb("the weighted sum of artifacts", (BlendArguments,), _blend),
     "lora": Verb("the LoRA GRPO reference, on the data and settings of a steering run",
                  (ModelArguments, LoraArguments, GRPODataArguments, SteeringGRPOConfig, ValidationArguments), _lora),
+    "lora-sft": Verb("the LoRA SFT reference, on the data and settings of a steering SFT run",
+                     (ModelArguments, LoraArguments, SFTDataArguments, SteeringSFTConfig, ValidationArguments), _lora_sft),
     "evidence": Verb("the learning-evidence matrix: train every variant, pick on validation, report on test",
                      (EvidenceArguments,), _evidence, yaml_config=False),
 }

@@ -1,7 +1,9 @@
-"""GRPO of a PEFT LoRA with the data, rewards and settings of a steering run: the reference users would pick instead.
+"""A PEFT LoRA trained with the data, rewards and settings of a steering run: the reference users would pick instead.
 
-Plain TRL (`GRPOTrainer(peft_config=...)`, TRL's own generation), so the comparison is against what users know.
-Run: python -m brep_rl.lora --config configs/evidence/grpo.yaml --output_dir runs/lora (the adapter lands there).
+GRPO is plain TRL (`GRPOTrainer(peft_config=...)`, TRL's own generation), SFT a plain transformers Trainer on the rows
+a steering SFT run trains on (truncated prefixes included), so the comparison is against what users know.
+Run: python -m brep_rl.lora --config configs/evidence/grpo.yaml --output_dir runs/lora (the adapter lands there);
+`brep-rl lora-sft --config configs/gsm8k/sft.yaml --output_dir runs/lora_sft` for SFT.
 """
 
 from __future__ import annotations
@@ -9,13 +11,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import Trainer, set_seed
 from trl import GRPOTrainer
 
-from brep_rl.arguments import GRPODataArguments, LoraArguments, ModelArguments, SteeringGRPOConfig, ValidationArguments
+from brep_rl.arguments import (
+    GRPODataArguments,
+    LoraArguments,
+    ModelArguments,
+    SFTDataArguments,
+    SteeringGRPOConfig,
+    SteeringSFTConfig,
+    ValidationArguments,
+)
 from brep_rl.errors import ConfigError
 from brep_rl.grpo import prompt_dataset
 from brep_rl.model import load_base
+from brep_rl.sft import SFTCollator, sft_problems, sft_rows
 from brep_rl.training import add_validation, claim_output_dir, train_and_save
 from reward import guarded, reward_functions
 
@@ -38,14 +50,49 @@ def run_lora_grpo(model_args: ModelArguments, lora_args: LoraArguments, data_arg
     problems = data_args.training_problems(train_args.seed)
     funcs, train_args.reward_weights = reward_functions(*data_args.reward_names(train_args.reward_weights), data_args.fallback,
                                                          data_args.allow_reward_imports)
-    peft_config = LoraConfig(r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, target_modules=lora_args.lora_target_modules,
-                             task_type="CAUSAL_LM")
+    set_seed(train_args.seed)  # TRL wraps the model in the adapter before its Trainer seeds anything
     trainer = GRPOTrainer(
-        model=model, args=train_args, processing_class=tokenizer, peft_config=peft_config,
+        model=model, args=train_args, processing_class=tokenizer, peft_config=lora_config(lora_args),
         reward_funcs=[guarded(f) for f in funcs], train_dataset=prompt_dataset(problems, data_args.instruction, data_args.system_prompt),
     )
     add_validation(trainer, val_args, data_args, model_args, train_args.seed)
     return train_and_save(trainer)
+
+
+def run_lora_sft(model_args: ModelArguments, lora_args: LoraArguments, data_args: SFTDataArguments,
+                 train_args: SteeringSFTConfig, val_args: ValidationArguments | None = None) -> Trainer:
+    """SFT of the adapter on a steering SFT run's rows, saved to output_dir. Prints the held-out loss of the base and
+    of the adapter, as `brep-rl sft` does for vectors."""
+    if data_args.solutions == "self":
+        raise ConfigError("--solutions self: rejection sampling draws from the steering vectors a run starts from; the "
+                          "LoRA reference trains on fixed targets (reference, scratchpad or stepwise)")
+    claim_output_dir(train_args)
+    if model_args.threads:
+        torch.set_num_threads(model_args.threads)
+    train_problems, heldout_problems = sft_problems(data_args, train_args.seed)
+    model, tokenizer = load_base(model_args.model, dtype=model_args.dtype)
+    train_rows, heldout_rows, _ = sft_rows(train_problems, heldout_problems, tokenizer, data_args, train_args.seed)
+    set_seed(train_args.seed)  # the adapter's random init: a run's seed alone decides it, as it decides the data order
+    model = get_peft_model(model, lora_config(lora_args))
+    trainer = Trainer(model=model, args=train_args, train_dataset=train_rows, eval_dataset=heldout_rows or None,
+                      data_collator=SFTCollator(tokenizer.pad_token_id, response_start=False), processing_class=tokenizer)
+    add_validation(trainer, val_args, data_args, model_args, train_args.seed)
+    output = train_and_save(trainer)
+    if heldout_rows:  # on every rank: evaluation is collective
+        with model.disable_adapter():
+            before = trainer.evaluate(metric_key_prefix="base")["base_loss"]
+        after = trainer.evaluate(metric_key_prefix="lora")["lora_loss"]
+        if trainer.is_world_process_zero():
+            print(f"\nheld-out SFT loss ({len(heldout_rows)} {data_args.task} {data_args.split} problems never trained "
+                  f"on): base {before:.4f} -> LoRA {after:.4f}")
+    if trainer.is_world_process_zero():
+        print(f"LoRA adapter: {output} (compare it with the base: `brep-rl eval --lora {output}`)")
+    return trainer
+
+
+def lora_config(lora_args: LoraArguments) -> LoraConfig:
+    return LoraConfig(r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, target_modules=lora_args.lora_target_modules,
+                      task_type="CAUSAL_LM")
 
 
 def steering_only_options(data_args: GRPODataArguments, train_args: SteeringGRPOConfig) -> list[str]:
@@ -70,6 +117,13 @@ def main(argv: list[str] | None = None) -> Path:
     from brep_rl.cli import VERBS, parse
 
     return run_lora_grpo(*parse("brep-rl lora", VERBS["lora"].types, argv))
+
+
+def sft_main(argv: list[str] | None = None) -> Trainer:
+    """Tests (`brep-rl lora-sft` adds one-line errors)."""
+    from brep_rl.cli import VERBS, parse
+
+    return run_lora_sft(*parse("brep-rl lora-sft", VERBS["lora-sft"].types, argv))
 
 
 if __name__ == "__main__":

@@ -102,10 +102,12 @@ def build_sft_examples(
 
 
 class SFTCollator:
-    """Right-pads a batch; padding positions get attention_mask 0 and label -100."""
+    """Right-pads a batch; padding positions get attention_mask 0 and label -100. `response_start` (where each
+    answer begins) is for the steering trainer's prefix window; a plain Trainer's model takes no such input."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, response_start: bool = True):
         self.pad_token_id = pad_token_id
+        self.response_start = response_start
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         width = max(len(r["input_ids"]) for r in rows)
@@ -117,8 +119,10 @@ class SFTCollator:
             ids[i, :n] = torch.tensor(r["input_ids"])
             labels[i, :n] = torch.tensor(r["labels"])
             mask[i, :n] = 1
-        starts = torch.tensor([r["response_start"] for r in rows], dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "response_start": starts}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if self.response_start:
+            batch["response_start"] = torch.tensor([r["response_start"] for r in rows], dtype=torch.long)
+        return batch
 
 
 class SteeringSFTTrainer(SteeringTrainerMixin, Trainer):
@@ -187,21 +191,37 @@ def kept_self_solutions(problems: list[Problem], model, tokenizer, steer, model_
     return kept
 
 
-def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args: SFTDataArguments, train_args: SteeringSFTConfig, val_args: ValidationArguments | None = None) -> SteeringSFTTrainer:
-    """Train, save the artifact to output_dir, report held-out loss before/after and (main process) a short eval."""
-    claim_output_dir(train_args)
-    problems = data_args.load_problems(train_args.seed, data_args.solution_field)
+def sft_problems(data_args: SFTDataArguments, seed: int) -> tuple[list[Problem], list[Problem]]:
+    """(training, held-out) problems with their targets; the held-out ones from the end of the selection."""
+    problems = data_args.load_problems(seed, data_args.solution_field)
     if data_args.solutions in ("scratchpad", "stepwise"):
         problems = with_scratchpads(problems, data_args.task, data_args.solutions)
     if data_args.heldout >= len(problems):
         raise DataError(f"heldout={data_args.heldout} leaves no training problems out of {len(problems)}")
-    train_problems, heldout_problems = problems[: len(problems) - data_args.heldout], problems[len(problems) - data_args.heldout :]
+    return problems[: len(problems) - data_args.heldout], problems[len(problems) - data_args.heldout :]
 
-    def examples(subset, seed):
-        return build_sft_examples(
-            subset, tokenizer, data_args.truncate_prob, data_args.truncate_tokens, data_args.max_length,
-            data_args.instruction, data_args.system_prompt, seed,
-        )
+
+def sft_rows(train_problems: list[Problem], heldout_problems: list[Problem], tokenizer, data_args: SFTDataArguments,
+             seed: int) -> tuple[list[dict], list[dict], SFTStats]:
+    """(training rows, held-out rows, the training rows' stats); refuses a selection that leaves no training row."""
+
+    def rows(problems: list[Problem], draw_seed: int):
+        return build_sft_examples(problems, tokenizer, data_args.truncate_prob, data_args.truncate_tokens,
+                                  data_args.max_length, data_args.instruction, data_args.system_prompt, draw_seed)
+
+    train_rows, stats = rows(train_problems, seed)
+    heldout_rows, _ = rows(heldout_problems, seed + 1)
+    described = stats.describe(data_args.max_length, data_args.truncate_tokens)
+    logger.warning("SFT data: %s", described)
+    if not train_rows:
+        raise DataError(f"task {data_args.task!r}: no usable SFT examples ({described})")
+    return train_rows, heldout_rows, stats
+
+
+def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args: SFTDataArguments, train_args: SteeringSFTConfig, val_args: ValidationArguments | None = None) -> SteeringSFTTrainer:
+    """Train, save the artifact to output_dir, report held-out loss before/after and (main process) a short eval."""
+    claim_output_dir(train_args)
+    train_problems, heldout_problems = sft_problems(data_args, train_args.seed)
 
     def calibration(tokenizer):
         return prompt_batch(tokenizer, train_problems[:8], data_args.instruction, data_args.system_prompt)
@@ -209,11 +229,7 @@ def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args
     model, tokenizer, steer = load_for_training(model_args, steer_args, calibration)
     if data_args.solutions == "self":
         train_problems = kept_self_solutions(train_problems, model, tokenizer, steer, model_args, steer_args, data_args, train_args)
-    train_rows, stats = examples(train_problems, train_args.seed)
-    heldout_rows, _ = examples(heldout_problems, train_args.seed + 1)
-    logger.warning("SFT data: %s", stats.describe(data_args.max_length, data_args.truncate_tokens))
-    if not train_rows:
-        raise DataError(f"task {data_args.task!r}: no usable SFT examples ({stats.describe(data_args.max_length, data_args.truncate_tokens)})")
+    train_rows, heldout_rows, stats = sft_rows(train_problems, heldout_problems, tokenizer, data_args, train_args.seed)
     steer.config.provenance = {**steer.config.provenance, "stage": "sft", **data_args.provenance(), "examples": stats.examples,
                                "solutions": data_args.solutions, "truncate_prob": data_args.truncate_prob,
                                "truncate_tokens": data_args.truncate_tokens}

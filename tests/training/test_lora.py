@@ -1,8 +1,9 @@
-"""The LoRA reference: refuses rollout backends it cannot use and the options only the steering trainer acts on; a
-saved adapter merges back for the harness; validation keeps the best adapter as a steering run keeps its best
-vectors."""
+"""The LoRA references: GRPO refuses rollout backends it cannot use and the options only the steering trainer acts
+on; a saved adapter merges back for the harness; validation keeps the best adapter as a steering run keeps its best
+vectors; SFT trains the adapter alone on a steering SFT run's rows and resumes to the uninterrupted run."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -10,10 +11,10 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 from brep_rl.errors import ConfigError
-from brep_rl.lora import load_merged, main
+from brep_rl.lora import load_merged, main, sft_main
 from brep_rl.model import load_base
 from brep_rl.validation import ValidationCallback
-from testing_utils import CHAIN
+from testing_utils import CHAIN, sft_args
 
 
 def test_lora_refuses_an_external_rollout_backend(tmp_path):
@@ -63,3 +64,47 @@ def test_validation_keeps_the_adapter_of_the_best_step(tmp_path, tiny_model_dir,
     assert all(torch.equal(best[k], at_step_1[k]) for k in best)
     assert not all(torch.equal(best[k], last[k]) for k in best)  # the run went on past the best step
     load_merged(str(tiny_model_dir), out / "best")  # the harness can load it
+
+
+def lora_sft_args(model_dir, out, *extra):
+    """The steering SFT tests' short run, less the options of steering vectors."""
+    args = sft_args(model_dir, out, *extra)
+    for flag in ("--mode", "--radius"):
+        i = args.index(flag)
+        del args[i : i + 2]
+    return args
+
+
+def test_lora_sft_trains_the_adapter_alone_and_the_harness_loads_it(tmp_path, tiny_model_dir, capsys):
+    base = {k: v.clone() for k, v in load_base(str(tiny_model_dir))[0].state_dict().items()}
+    trainer = sft_main(lora_sft_args(tiny_model_dir, tmp_path / "run"))
+    before, after = map(float, re.search(r"held-out SFT loss \(4 gsm8k train problems never trained on\): "
+                                         r"base (\S+) -> LoRA (\S+)", capsys.readouterr().out).groups())
+    assert after < before
+    trained = trainer.model.get_base_model().state_dict()
+    frozen = {k.replace(".base_layer", ""): v for k, v in trained.items() if "lora_" not in k}
+    assert frozen.keys() == base.keys() and all(torch.equal(v, base[k]) for k, v in frozen.items())
+    assert trainer.state.global_step == 4 and (tmp_path / "run" / "adapter_model.safetensors").is_file()
+    merged, _ = load_merged(str(tiny_model_dir), tmp_path / "run")  # what `brep-rl eval --lora` runs
+    plain, _ = load_base(str(tiny_model_dir))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert not torch.allclose(merged(ids).logits, plain(ids).logits, atol=1e-4)
+
+
+def test_a_resumed_lora_sft_run_equals_the_uninterrupted_one(tmp_path, tiny_model_dir):
+    sft_main(lora_sft_args(tiny_model_dir, tmp_path / "whole"))
+    sft_main(lora_sft_args(tiny_model_dir, tmp_path / "cut", "--max_steps", "2"))  # "killed" after its step-2 checkpoint
+    resumed = sft_main(lora_sft_args(tiny_model_dir, tmp_path / "cut", "--resume_from_checkpoint", "last"))
+    assert resumed.state.global_step == 4
+    whole = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    cut = load_file(tmp_path / "cut" / "adapter_model.safetensors")
+    assert whole.keys() == cut.keys() and all(torch.allclose(cut[k], whole[k], atol=1e-6) for k in whole)
+    assert not all(torch.allclose(cut[k], load_file(tmp_path / "cut" / "checkpoint-2" / "adapter_model.safetensors")[k])
+                   for k in cut)  # the resumed steps trained
+
+
+def test_lora_sft_refuses_self_solutions_before_claiming_the_output(tmp_path, tiny_model_dir):
+    with pytest.raises(ConfigError, match=r"^--solutions self: rejection sampling draws from the steering vectors"):
+        sft_main(lora_sft_args(tiny_model_dir, tmp_path / "x", "--solutions", "self"))
+    assert not (tmp_path / "x").exists()
