@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import Trainer, set_seed
 from trl import GRPOTrainer
@@ -27,8 +26,8 @@ from brep_rl.arguments import (
 from brep_rl.errors import ConfigError
 from brep_rl.grpo import prompt_dataset
 from brep_rl.model import load_base
-from brep_rl.sft import SFTCollator, sft_problems, sft_rows
-from brep_rl.training import add_validation, claim_output_dir, train_and_save
+from brep_rl.sft import SFTCollator, report_heldout_loss, sft_problems, sft_rows
+from brep_rl.training import add_validation, claim_output_dir, set_threads, train_and_save
 from reward import guarded, reward_functions
 
 
@@ -43,8 +42,7 @@ def run_lora_grpo(model_args: ModelArguments, lora_args: LoraArguments, data_arg
         raise ConfigError("--rollout_backend: LoRA rollouts run through TRL's own generation (auto or transformers), "
                           f"got {train_args.rollout_backend!r}")
     claim_output_dir(train_args)
-    if model_args.threads:
-        torch.set_num_threads(model_args.threads)
+    set_threads(model_args)
     model, tokenizer = load_base(model_args.model, dtype=model_args.dtype)
     model.train()
     problems = data_args.training_problems(train_args.seed)
@@ -67,8 +65,7 @@ def run_lora_sft(model_args: ModelArguments, lora_args: LoraArguments, data_args
         raise ConfigError("--solutions self: rejection sampling draws from the steering vectors a run starts from; the "
                           "LoRA reference trains on fixed targets (reference, scratchpad or stepwise)")
     claim_output_dir(train_args)
-    if model_args.threads:
-        torch.set_num_threads(model_args.threads)
+    set_threads(model_args)
     train_problems, heldout_problems = sft_problems(data_args, train_args.seed)
     model, tokenizer = load_base(model_args.model, dtype=model_args.dtype)
     train_rows, heldout_rows, _ = sft_rows(train_problems, heldout_problems, tokenizer, data_args, train_args.seed)
@@ -78,13 +75,8 @@ def run_lora_sft(model_args: ModelArguments, lora_args: LoraArguments, data_args
                       data_collator=SFTCollator(tokenizer.pad_token_id, response_start=False), processing_class=tokenizer)
     add_validation(trainer, val_args, data_args, model_args, train_args.seed)
     output = train_and_save(trainer)
-    if heldout_rows:  # on every rank: evaluation is collective
-        with model.disable_adapter():
-            before = trainer.evaluate(metric_key_prefix="base")["base_loss"]
-        after = trainer.evaluate(metric_key_prefix="lora")["lora_loss"]
-        if trainer.is_world_process_zero():
-            print(f"\nheld-out SFT loss ({len(heldout_rows)} {data_args.task} {data_args.split} problems never trained "
-                  f"on): base {before:.4f} -> LoRA {after:.4f}")
+    if heldout_rows:
+        report_heldout_loss(trainer, model.disable_adapter, "LoRA", len(heldout_rows), data_args)
     if trainer.is_world_process_zero():
         print(f"LoRA adapter: {output} (compare it with the base: `brep-rl eval --lora {output}`)")
     return trainer

@@ -12,6 +12,8 @@ import hashlib
 import json
 import logging
 import random
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,6 +220,19 @@ def sft_rows(train_problems: list[Problem], heldout_problems: list[Problem], tok
     return train_rows, heldout_rows, stats
 
 
+def report_heldout_loss(trainer: Trainer, base_only: Callable[[], AbstractContextManager], label: str, rows: int,
+                        data_args: SFTDataArguments) -> None:
+    """The held-out SFT loss of the base (inside `base_only()`) and of the trained model, printed by the main process.
+    Call it on every rank (evaluation is collective), after training: an evaluate() ahead of train() marks the model
+    as prepared by accelerate, which then skips the DDP wrap."""
+    with base_only():
+        before = trainer.evaluate(metric_key_prefix="base")["base_loss"]
+    after = trainer.evaluate(metric_key_prefix=label.lower())[f"{label.lower()}_loss"]
+    if trainer.is_world_process_zero():
+        print(f"\nheld-out SFT loss ({rows} {data_args.task} {data_args.split} problems never trained on): "
+              f"base {before:.4f} -> {label} {after:.4f}")
+
+
 def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args: SFTDataArguments, train_args: SteeringSFTConfig, val_args: ValidationArguments | None = None) -> SteeringSFTTrainer:
     """Train, save the artifact to output_dir, report held-out loss before/after and (main process) a short eval."""
     claim_output_dir(train_args)
@@ -240,18 +255,10 @@ def run_sft(model_args: ModelArguments, steer_args: SteeringArguments, data_args
     )
     add_validation(trainer, val_args, data_args, model_args, train_args.seed)
     output = train_and_save(trainer)
-    # Both held-out losses after training, on every rank (evaluation is collective). Not before: an evaluate()
-    # ahead of train() marks the model as prepared by accelerate, which then skips the DDP wrap.
-    before = after = None
     if heldout_rows:
-        with steer.disabled():
-            before = trainer.evaluate(metric_key_prefix="base")["base_loss"]
-        after = trainer.evaluate(metric_key_prefix="steered")["steered_loss"]
+        report_heldout_loss(trainer, steer.disabled, "steered", len(heldout_rows), data_args)
     if not trainer.is_world_process_zero():
         return trainer
-    if heldout_rows:
-        print(f"\nheld-out SFT loss ({len(heldout_rows)} {data_args.task} {data_args.split} problems never trained on): "
-              f"base {before:.4f} -> steered {after:.4f}")
     print(f"steering artifact: {output} (inspect it with `brep-rl inspect {output}`)")
     if data_args.eval_limit > 0:
         final_eval(trainer, tokenizer, EvalSettings(

@@ -41,16 +41,21 @@ logger = logging.getLogger(__name__)
 TRAINING_STATE = "brep_state.json"  # in each checkpoint: state of ours an exact resume needs
 
 
-def load_for_training(model_args: ModelArguments, steer_args: SteeringArguments, calibration: Callable | None = None):
-    """The frozen base with trainable vectors attached: fresh from `steer_args`, or loaded from `init_from`.
-
-    `calibration(tokenizer) -> (input_ids, attention_mask)`: a batch to measure site norms on, for a relative radius.
-    """
+def set_threads(model_args: ModelArguments) -> None:
+    """torch threads for a training process: --threads, else this machine's cores shared among its processes."""
     # Deliberately: `accelerate launch` sets OMP_NUM_THREADS=1, which runs a single process at half speed on 2 cores.
     threads = model_args.threads or default_threads()
     torch.set_num_threads(threads)
     logger.warning("torch threads per process: %d (%s local process(es); set --threads to change)", threads,
                    os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def load_for_training(model_args: ModelArguments, steer_args: SteeringArguments, calibration: Callable | None = None):
+    """The frozen base with trainable vectors attached: fresh from `steer_args`, or loaded from `init_from`.
+
+    `calibration(tokenizer) -> (input_ids, attention_mask)`: a batch to measure site norms on, for a relative radius.
+    """
+    set_threads(model_args)
     model, tokenizer = load_base(model_args.model, dtype=model_args.dtype)
     if steer_args.init_from:
         load = SteeringVectors.from_gguf if steer_args.init_from.endswith(".gguf") else SteeringVectors.from_pretrained
