@@ -488,8 +488,8 @@ class EvalArguments(EvalSettings):
         "help": "steering artifact(s) to compare with the base (repeatable), each labelled by its folder's name or "
                 "as LABEL=PATH says", "action": "extend"})
     lora: list[str] = field(default_factory=list, metadata={
-        "help": "PEFT LoRA adapter folder(s) (brep-rl lora) to compare on the same problems, generated with "
-                "transformers (repeatable), labelled as --steering ones", "action": "extend"})
+        "help": "PEFT LoRA adapter folder(s) (brep-rl lora, lora-sft) to compare on the same problems and backend "
+                "(on llama.cpp as a llama.cpp LoRA; repeatable), labelled as --steering ones", "action": "extend"})
     scale: str = field(default="1", metadata={"help": "comma-separated steering strengths, e.g. 0.5,1,2"})
     output: str | None = field(default=None, metadata={"help": "folder for samples.jsonl + summary.json/.md; re-running resumes"})
     layers: list[str] = field(default_factory=list, metadata={
@@ -548,13 +548,15 @@ class InspectArguments:
 
 @dataclass
 class ExportArguments:
-    """`brep-rl export ART --out v.gguf`: the bias vectors as a llama.cpp control vector."""
+    """`brep-rl export ART --out v.gguf`: the bias vectors as a llama.cpp control vector, or a PEFT LoRA adapter (the
+    LoRA reference) as a llama.cpp LoRA adapter."""
 
-    artifact: str = field(metadata={"help": "a steering artifact folder"})
-    out: str = field(metadata={"help": "the control-vector file to write (.gguf)"})
+    artifact: str = field(metadata={"help": "a steering artifact folder, or a PEFT LoRA adapter folder"})
+    out: str = field(metadata={"help": "the control-vector or LoRA file to write (.gguf)"})
     format: Literal["gguf"] = "gguf"
     scale: float = field(default=1.0, metadata={"help": "strength baked into the file"})
     bias_only: bool = field(default=False, metadata={"help": "export a bias+prefix artifact's bias part (the prefix is dropped)"})
+    model: str | None = field(default=None, metadata={"help": "a LoRA adapter's base (default: the one its adapter_config.json names)"})
 
 
 @dataclass

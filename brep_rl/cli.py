@@ -8,9 +8,11 @@ its traceback. scripts/*.py call this, so `accelerate launch scripts/grpo.py` be
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from trl import TrlParser
 
@@ -30,7 +32,7 @@ from brep_rl.arguments import (
     SteeringSFTConfig,
     ValidationArguments,
 )
-from brep_rl.errors import UserError
+from brep_rl.errors import ConfigError, UserError
 
 
 class ArgumentParser(TrlParser):
@@ -127,16 +129,36 @@ def _inspect(args: InspectArguments) -> None:
 
 
 def _export(args: ExportArguments) -> None:
+    from brep_rl.lora_gguf import is_peft_adapter
     from brep_rl.model import gguf_as_f32, gguf_path
     from brep_rl.steering import read_artifact
     from brep_rl.steering.gguf import export_control_vector
 
+    if is_peft_adapter(args.artifact):
+        _export_lora(args)
+        return
     if args.bias_only:
         print("--bias-only: exporting the bias vectors; the prefix vectors are dropped", file=sys.stderr)
     out = export_control_vector(args.artifact, args.out, args.scale, args.bias_only)
     base = gguf_path(read_artifact(args.artifact)[0].base_model or "")
     model = gguf_as_f32(base) if base else "BASE.gguf"  # the fp32 copy: the weights brep-rl trained against
     print(f"control vector: {out}\nserve it: llama-server -m {model} --control-vector {out}")
+
+
+def _export_lora(args: ExportArguments) -> None:
+    from transformers import AutoConfig
+
+    from brep_rl.lora_gguf import ADAPTER_CONFIG, export_lora_gguf
+    from brep_rl.model import gguf_as_f32, gguf_path, resolve_model_path
+
+    if args.bias_only:
+        raise ConfigError(f"--bias_only: {args.artifact} is a LoRA adapter, not steering vectors with a bias part")
+    base = args.model or json.loads((Path(args.artifact) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{args.artifact}: its {ADAPTER_CONFIG} names no base model: pass --model")
+    out = export_lora_gguf(args.artifact, args.out, AutoConfig.from_pretrained(resolve_model_path(base)[0]), args.scale)
+    model = gguf_as_f32(gguf_path(base)) if gguf_path(base) else "BASE.gguf"
+    print(f"LoRA adapter: {out}\nserve it: llama-server -m {model} --lora {out}")
 
 
 def _merge(args: MergeArguments) -> None:
@@ -167,7 +189,8 @@ VERBS = {
                  (ModelArguments, SteeringArguments, GRPODataArguments, SteeringGRPOConfig, ValidationArguments), _grpo),
     "eval": Verb("compare the base and steered models on a math task", (EvalArguments,), _eval),
     "inspect": Verb("show the config and per-layer norms of a saved steering artifact", (InspectArguments,), _inspect),
-    "export": Verb("write an artifact's bias vectors as a llama.cpp control vector (.gguf)", (ExportArguments,), _export),
+    "export": Verb("write an artifact's bias vectors as a llama.cpp control vector, or a LoRA adapter as a llama.cpp LoRA "
+                   "(.gguf)", (ExportArguments,), _export),
     "merge": Verb("fold bias vectors into the base's weights: a plain HF model folder", (MergeArguments,), _merge),
     "blend": Verb("the weighted sum of artifacts", (BlendArguments,), _blend),
     "lora": Verb("the LoRA GRPO reference, on the data and settings of a steering run",

@@ -2,7 +2,8 @@
 
 Per-sample records go to `samples.jsonl` as they are produced (a re-run skips what is there: resumable);
 the summary goes to `summary.json` and `summary.md`. The base is the same model object with steering
-disabled, never a second load. LoRA adapters (the reference) are put on that model one at a time and taken off again.
+disabled, never a second load. LoRA adapters (the reference) are evaluated one at a time after them: on llama.cpp
+as llama.cpp LoRA adapters where the base and steered models run there, else put on that model and taken off again.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from brep_rl.arguments import EvalSettings, parse_layers
 from brep_rl.data import Problem, chat_prompt, chat_prompt_ids, load_task
 from brep_rl.errors import ConfigError
 from brep_rl.files import to_json, write_json, write_jsonl
+from brep_rl.lora_gguf import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_lora_gguf, is_peft_adapter
 from brep_rl.metrics import accuracy_interval, majority_vote, paired_difference, pass_at_k
 from brep_rl.rollout import (
     Backend,
@@ -42,7 +45,7 @@ from reward import default_verifier, extract_answer, has_final_answer_format
 logger = logging.getLogger(__name__)
 
 BASE = "base"
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
 
 
 @dataclass
@@ -204,15 +207,24 @@ def variant_contexts(model, artifacts: list[str], labels: list[str], scales: lis
             steer.detach()
 
 
-def lora_variants(model, adapters: list[str], labels: list[str]):
-    """Yields (Variant, the model with the adapter on) for each PEFT LoRA adapter in turn; the plain model is restored
-    after each."""
+def lora_variants(model, tokenizer, adapters: list[str], labels: list[str], backend: Backend):
+    """Yields (Variant, the backend that generates with it) for each PEFT LoRA adapter in turn: a llama.cpp `backend`
+    with the adapter exported as a llama.cpp LoRA, otherwise transformers with the adapter put on the model (the plain
+    model is restored after each)."""
     from peft import PeftModel
 
     for adapter, label in zip(adapters, labels):
+        if backend.name == "llama.cpp":
+            with tempfile.TemporaryDirectory() as tmp:
+                backend.use_lora(export_lora_gguf(adapter, Path(tmp) / "adapter.gguf", model.config))
+                try:
+                    yield Variant(label, adapter), backend
+                finally:
+                    backend.use_lora(None)
+            continue
         with_adapter = PeftModel.from_pretrained(model, adapter).eval()
         try:
-            yield Variant(label, adapter), with_adapter
+            yield Variant(label, adapter), TransformersBackend(with_adapter, tokenizer)
         finally:
             with_adapter.unload()
 
@@ -231,15 +243,15 @@ def evaluate(
     """Evaluate the base and each artifact (with each layer subset, at each scale), then each LoRA adapter, on the
     same problems; returns the summary.
 
-    `backend` generates the base and the steered variants (default: `settings.backend` for this model and these
-    artifacts, see brep_rl.rollout); an adapter is generated with transformers."""
+    `backend` generates every variant (default: `settings.backend` for this model and these artifacts and adapters,
+    see brep_rl.rollout); adapters llama.cpp cannot hold (DoRA, ...) run on transformers under `auto`."""
     scales = list(scales or [1.0])
     layer_specs = list(dict.fromkeys(layer_specs or ["all"]))
     artifacts, labels = labelled_paths(list(artifacts or []))
     steered = {variant_label(name, scale, spec, scales, layer_specs) for name in labels for scale in scales for spec in layer_specs}
     loras, lora_labels = labelled_paths(list(loras or []), "--lora", taken=steered)
     for adapter in loras:  # before any generation: they are evaluated last
-        if not all((Path(adapter) / file).is_file() for file in ADAPTER_FILES):
+        if not is_peft_adapter(adapter):
             raise ConfigError(f"--lora {adapter}: not a PEFT adapter folder (expected {' and '.join(ADAPTER_FILES)})")
     problems = problems if problems is not None else load_task(
         settings.task, settings.split, settings.limit, settings.offset, settings.seed, settings.question,
@@ -248,7 +260,8 @@ def evaluate(
     store = RecordStore(Path(output) if output else None, settings)
     if backend is None:
         configs = [read_artifact(a)[0] for a in artifacts]
-        backend = make_backend(settings.backend, model, tokenizer, model.name_or_path, configs, torch.get_num_threads())
+        backend = make_backend(settings.backend, model, tokenizer, model.name_or_path, configs, torch.get_num_threads(),
+                               adapters=loras)
     prompts = {p.id: chat_prompt(tokenizer, p.question, settings.instruction, settings.system_prompt) for p in problems}
     prompt_ids = dict(zip(prompts, chat_prompt_ids(tokenizer, problems, settings.instruction, settings.system_prompt)))
     k = settings.samples
@@ -260,8 +273,8 @@ def evaluate(
     def every_variant():
         for variant, steer, context in variant_contexts(model, artifacts, labels, scales, layer_specs):
             yield variant, steer, context, backend
-        for variant, with_adapter in lora_variants(model, loras, lora_labels):
-            yield variant, None, contextlib.nullcontext(), TransformersBackend(with_adapter, tokenizer)
+        for variant, generator in lora_variants(model, tokenizer, loras, lora_labels, backend):
+            yield variant, None, contextlib.nullcontext(), generator
 
     for variant, steer, context, generator in every_variant():
         variants.append(variant)

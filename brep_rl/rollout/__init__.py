@@ -1,7 +1,8 @@
 """Rollout backends: what writes the completions for GRPO and the eval harness.
 
 - `transformers` (hf.py): `model.generate` through the steering hooks. Any model; exact by construction.
-- `llama.cpp` (llama_cpp.py): the GGUF base with the vectors as control vectors; ~3x faster on 2 CPU cores.
+- `llama.cpp` (llama_cpp.py): the GGUF base with the vectors as control vectors (a LoRA reference as a llama.cpp LoRA
+  adapter, brep_rl/lora_gguf.py); ~3x faster on 2 CPU cores.
 Both choose tokens with `sampling.sample_token`.
 """
 
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Sequence
 
-from brep_rl.errors import ConfigError
+from brep_rl.errors import ArtifactError, ConfigError
+from brep_rl.lora_gguf import lora_tensors
 from brep_rl.model import gguf_as_f32, gguf_path
 from brep_rl.rollout.base import (
     BACKENDS,
@@ -35,10 +38,11 @@ __all__ = [
 ]
 
 
-def make_backend(choice: str, model, tokenizer, model_name: str, configs: list[SteeringConfig], threads: int) -> Backend:
+def make_backend(choice: str, model, tokenizer, model_name: str, configs: list[SteeringConfig], threads: int,
+                 adapters: Sequence[str] = ()) -> Backend:
     """`auto`: llama.cpp when the base is a GGUF file, llama-cpp-python is installed and it can apply every steering
-    config in `configs` exactly; otherwise transformers (the reason is logged). An explicit `llama.cpp` fails with
-    the reason."""
+    config in `configs` and every PEFT LoRA in `adapters` exactly; otherwise transformers (the reason is logged). An
+    explicit `llama.cpp` fails with the reason."""
     if choice not in BACKENDS:
         raise ConfigError(f"rollout backend: expected one of {', '.join(BACKENDS)}, got {choice!r}")
     if choice == "transformers":
@@ -54,6 +58,11 @@ def make_backend(choice: str, model, tokenizer, model_name: str, configs: list[S
         backend = LlamaCppBackend(gguf_as_f32(gguf), stop_token_ids(model, tokenizer), threads)
         for config in configs:
             backend.check(config)
+        for adapter in adapters:
+            try:
+                lora_tensors(adapter, model.config)  # what llama.cpp cannot hold is refused here
+            except ArtifactError as e:
+                raise BackendUnavailable(str(e)) from None
     except BackendUnavailable as e:
         if choice == "llama.cpp":
             raise

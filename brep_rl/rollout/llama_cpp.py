@@ -6,7 +6,8 @@ sequences.
 
 Why a bias on `mlp.down_proj` of layer l is a llama.cpp control vector: that projection adds straight into the
 residual stream, so its bias is a vector added to the layer's output, which is what a control vector is.
-llama.cpp's control-vector buffer starts at layer 1, so layer 0 cannot be steered there.
+llama.cpp's control-vector buffer starts at layer 1, so layer 0 cannot be steered there. The LoRA reference runs here
+as a llama.cpp LoRA adapter (`use_lora`, the file brep_rl/lora_gguf.py writes), with the base's weights untouched.
 
 The running sequences are decoded together, one llama.cpp batch per step, one sequence id (KV stream) each; when a
 prompt's sequences are done the next prompt takes their streams (continuous batching). The prefix window is
@@ -64,11 +65,13 @@ class LlamaCppBackend:
         self.unsteered: np.ndarray | None = None  # bias alone (after the window)
         self.prefix_tokens = 0
         self._applied: np.ndarray | None = None
+        self.lora = None  # a llama.cpp LoRA adapter (use_lora), applied to every context
 
     def close(self) -> None:
         if self.ctx:
             self.lib.llama_free(self.ctx)
             self.ctx = None
+        self.use_lora(None)
         if self.llama_model:
             self.lib.llama_model_free(self.llama_model)
             self.llama_model = None
@@ -127,6 +130,29 @@ class LlamaCppBackend:
             raise RuntimeError(f"llama.cpp refused the control vector (status {status})")
         self._applied = vectors
 
+    def use_lora(self, adapter: str | Path | None) -> None:
+        """Generate with this llama.cpp LoRA adapter (a GGUF, see brep_rl.lora_gguf) from now on; None: without."""
+        if self.lora:
+            if self.ctx:
+                self.lib.llama_set_adapters_lora(self.ctx, None, 0, None)
+            self.lib.llama_adapter_lora_free(self.lora)
+            self.lora = None
+        if adapter is not None:
+            self.lora = self.lib.llama_adapter_lora_init(self.llama_model, str(adapter).encode())
+            if not self.lora:
+                raise BackendUnavailable(f"{adapter}: llama.cpp could not load this LoRA adapter for {self.gguf.name}")
+        if self.ctx:
+            self._attach_lora()
+
+    def _attach_lora(self) -> None:
+        if self.lora:
+            status = self.lib.llama_set_adapters_lora(self.ctx, (self.lib.llama_adapter_lora_p_ctypes * 1)(self.lora), 1,
+                                                      (ctypes.c_float * 1)(1.0))
+        else:
+            status = self.lib.llama_set_adapters_lora(self.ctx, None, 0, None)
+        if status != 0:
+            raise RuntimeError(f"llama.cpp refused the LoRA adapter (status {status})")
+
     # ---- generation ------------------------------------------------------------------------------------
 
     def _context(self, sequences: int, tokens: int, batch: int) -> None:
@@ -152,6 +178,7 @@ class LlamaCppBackend:
             raise RuntimeError(f"llama.cpp could not create a context for {sequences} sequences x {tokens} tokens")
         self.ctx_shape = (sequences, tokens, batch)
         self._applied = None
+        self._attach_lora()
 
     def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
         """One llama_decode of (token, position, sequence id, wants logits) entries."""

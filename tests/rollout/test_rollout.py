@@ -4,9 +4,14 @@ import sys
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 
 from brep_rl import SteeringConfig, SteeringVectors
+from brep_rl.arguments import EvalSettings
+from brep_rl.data import Problem
 from brep_rl.errors import ConfigError
+from brep_rl.evaluate import evaluate, read_records
+from brep_rl.lora_gguf import export_lora_gguf
 from brep_rl.model import gguf_as_f32, smollm2_gguf
 from brep_rl.rollout import (
     BackendUnavailable,
@@ -19,7 +24,7 @@ from brep_rl.rollout import (
 )
 from brep_rl.rollout.llama_cpp import LlamaCppBackend
 from brep_rl.rollout.sampling import greedy_tokens_on_device
-from testing_utils import PROMPTS
+from testing_utils import PROMPTS, make_tiny
 
 MORE_PROMPTS = PROMPTS + [
     "A train travels 60 km in 1.5 hours. What is its average speed?",
@@ -36,6 +41,16 @@ def test_auto_uses_transformers_for_a_base_that_is_not_gguf(tiny_llama, tokenize
         make_backend("llama.cpp", tiny_llama, tokenizer, "some/hf-folder", [], threads=1)
     with pytest.raises(ValueError, match="expected one of auto, transformers, llama.cpp"):
         make_backend("vllm", tiny_llama, tokenizer, "x", [], threads=1)
+
+
+def test_auto_uses_transformers_for_a_lora_llama_cpp_cannot_hold(tiny_llama, tokenizer, tmp_path, caplog):
+    get_peft_model(make_tiny("llama", len(tokenizer), tokenizer.pad_token_id),
+                   LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)).save_pretrained(tmp_path / "dora")
+    backend = make_backend("auto", tiny_llama, tokenizer, "smollm2-135m", [], threads=1, adapters=[str(tmp_path / "dora")])
+    assert isinstance(backend, TransformersBackend)  # every variant, the base too: paired on one backend
+    assert "DoRA's magnitude vectors" in caplog.text
+    with pytest.raises(BackendUnavailable, match="DoRA's magnitude vectors"):
+        make_backend("llama.cpp", tiny_llama, tokenizer, "smollm2-135m", [], threads=1, adapters=[str(tmp_path / "dora")])
 
 
 def test_auto_without_llama_cpp_installed_uses_transformers(tiny_llama, tokenizer, monkeypatch, caplog):
@@ -400,3 +415,62 @@ def test_llama_cpp_refuses_what_it_cannot_apply(smollm2, llama):
             assert isinstance(make_backend("auto", model, tok, "smollm2-135m", [steer.config], threads=2), TransformersBackend)
         finally:
             steer.detach()
+
+
+def gentle_lora(model, tmp_path, seed: int):
+    """A random LoRA r4 on every linear layer of `model` (in place: call .unload()), saved to tmp_path/"adapter";
+    small enough that SmolLM2 still writes sentences, large enough to change them."""
+    torch.manual_seed(seed)
+    adapted = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.1)
+    adapted.save_pretrained(tmp_path / "adapter")
+    return adapted.eval()
+
+
+@pytest.mark.slow
+def test_a_lora_on_llama_cpp_gives_the_log_probs_peft_gives(smollm2, llama, tmp_path):
+    model, tok = smollm2
+    ids = chat_ids(tok, MORE_PROMPTS[:6])
+    sampling = Sampling(16, temperature=1.0, seed=4)
+    adapted = gentle_lora(model, tmp_path, seed=0)
+    try:
+        llama.sync(None)
+        llama.use_lora(export_lora_gguf(tmp_path / "adapter", tmp_path / "adapter.gguf", model.config))
+        with_lora = llama.generate(ids, 1, sampling)
+        llama.use_lora(None)
+        without = llama.generate(ids, 1, sampling)
+        assert sum(a != b for a, b in zip(with_lora.completion_ids, without.completion_ids)) >= 3, "the adapter changed little"
+        for prompt, completion, logprobs in zip(ids, with_lora.completion_ids, with_lora.logprobs):
+            with torch.no_grad():
+                logits = adapted(input_ids=torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]
+            logp = torch.log_softmax(logits.double(), -1)[torch.arange(len(completion)), completion]
+            error = (logp - torch.tensor(logprobs, dtype=torch.float64)).abs()
+            assert error.max() < 0.05, "llama.cpp's adapter is not PEFT's (rows of q/k, scaling)"
+    finally:
+        llama.use_lora(None)
+        adapted.unload()
+
+
+@pytest.mark.slow
+def test_eval_runs_a_lora_on_llama_cpp_as_transformers_runs_it_and_takes_it_off_again(smollm2, llama, tmp_path):
+    model, tok = smollm2
+    problems = [Problem(f"p{i}", q, "0") for i, q in enumerate(MORE_PROMPTS[:4])]
+    settings = EvalSettings(max_new_tokens=12)
+    gentle_lora(model, tmp_path, seed=1).unload()
+    loras = [f"lora={tmp_path / 'adapter'}"]
+    llama.sync(None)
+    base_before = llama.generate(chat_ids(tok, MORE_PROMPTS[:4]), 1, Sampling(12)).completion_ids
+    completions = {}
+    for backend in (llama, TransformersBackend(model, tok)):
+        evaluate(model, tok, settings, output=tmp_path / backend.name, problems=problems, progress=False,
+                 backend=backend, loras=loras)
+        records = read_records(tmp_path / backend.name / "samples.jsonl")
+        completions[backend.name] = {(r["model"], r["problem_id"]): r["completion"] for r in records}
+    fast, reference = completions["llama.cpp"], completions["transformers"]
+    assert sum(fast["lora", p.id] == reference["lora", p.id] for p in problems) >= 3  # a near tie may part one
+    assert sum(fast["lora", p.id] != fast["base", p.id] for p in problems) >= 2  # the adapter was on
+    assert llama.lora is None  # and taken off again
+    assert llama.generate(chat_ids(tok, MORE_PROMPTS[:4]), 1, Sampling(12)).completion_ids == base_before

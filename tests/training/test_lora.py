@@ -1,17 +1,22 @@
 """The LoRA references: GRPO refuses rollout backends it cannot use and the options only the steering trainer acts
 on; a saved adapter merges back for the harness; validation keeps the best adapter as a steering run keeps its best
-vectors; SFT trains the adapter alone on a steering SFT run's rows and resumes to the uninterrupted run."""
+vectors; SFT trains the adapter alone on a steering SFT run's rows and resumes to the uninterrupted run; the
+llama.cpp export refuses what llama.cpp's LoRA adapters cannot hold (it is checked against PEFT on SmolLM2 in
+tests/rollout)."""
 
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
-from brep_rl.errors import ConfigError
+from brep_rl.cli import main as cli_main
+from brep_rl.errors import ArtifactError, ConfigError
 from brep_rl.lora import load_merged, main, sft_main
+from brep_rl.lora_gguf import lora_tensors
 from brep_rl.model import load_base
 from brep_rl.validation import ValidationCallback
 from testing_utils import CHAIN, sft_args
@@ -108,3 +113,53 @@ def test_lora_sft_refuses_self_solutions_before_claiming_the_output(tmp_path, ti
     with pytest.raises(ConfigError, match=r"^--solutions self: rejection sampling draws from the steering vectors"):
         sft_main(lora_sft_args(tiny_model_dir, tmp_path / "x", "--solutions", "self"))
     assert not (tmp_path / "x").exists()
+
+
+def test_the_llama_cpp_export_refuses_what_a_llama_cpp_lora_cannot_hold(tmp_path, tiny_model_dir):
+    model, _ = load_base(str(tiny_model_dir))
+    config = model.config
+    adapters = {
+        "dora": LoraConfig(r=4, target_modules=["q_proj"], use_dora=True),
+        "embedding": LoraConfig(r=4, target_modules=["embed_tokens"]),
+        "saved-module": LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+        "plain": LoraConfig(r=4, lora_alpha=16, target_modules="all-linear", init_lora_weights=False),
+    }
+    for name, lora in adapters.items():
+        get_peft_model(load_base(str(tiny_model_dir))[0], lora).save_pretrained(tmp_path / name)
+    with pytest.raises(ArtifactError, match="DoRA's magnitude vectors, which llama.cpp's LoRA adapters do not hold"):
+        lora_tensors(tmp_path / "dora", config)
+    with pytest.raises(ArtifactError, match=r"tensor '.*embed_tokens[.a-z_]*' has no llama.cpp counterpart"):
+        lora_tensors(tmp_path / "embedding", config)
+    with pytest.raises(ArtifactError, match="fully trained copies of whole modules"):
+        lora_tensors(tmp_path / "saved-module", config)
+    with pytest.raises(ArtifactError, match="not a PEFT adapter folder"):
+        lora_tensors(tmp_path, config)
+    config.model_type = "gemma"
+    with pytest.raises(ArtifactError, match="supports model types llama, mistral, not 'gemma'"):
+        lora_tensors(tmp_path / "plain", config)
+    config.model_type = "llama"
+    tensors = lora_tensors(tmp_path / "plain", config)
+    layers = config.num_hidden_layers
+    assert len(tensors) == 2 * 7 * layers  # lora_a and lora_b of the 7 linear weights of every layer
+    saved = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    down = "base_model.model.model.layers.0.mlp.down_proj"
+    assert torch.equal(torch.from_numpy(tensors["blk.0.ffn_down.weight.lora_a"]), saved[f"{down}.lora_A.weight"])
+    assert torch.allclose(torch.from_numpy(tensors["blk.0.ffn_down.weight.lora_b"]), saved[f"{down}.lora_B.weight"] * 4)  # 16 / 4
+
+
+def test_brep_rl_export_writes_a_lora_adapter_as_a_llama_cpp_lora(tmp_path, tiny_model_dir, capsys):
+    import gguf
+
+    get_peft_model(load_base(str(tiny_model_dir))[0], LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+                   ).save_pretrained(tmp_path / "adapter")
+    assert cli_main(["export", str(tmp_path / "adapter"), "--out", str(tmp_path / "a.gguf"), "--model", str(tiny_model_dir),
+                     "--scale", "0.5"]) == 0
+    assert "serve it: llama-server -m BASE.gguf --lora " in capsys.readouterr().out
+    reader = gguf.GGUFReader(str(tmp_path / "a.gguf"))
+    assert (reader.fields["general.type"].contents(), reader.fields["adapter.type"].contents()) == ("adapter", "lora")
+    assert reader.fields["general.architecture"].contents() == "llama"
+    written = {t.name: np.asarray(t.data).reshape(t.shape[::-1]) for t in reader.tensors}
+    expected = lora_tensors(tmp_path / "adapter", load_base(str(tiny_model_dir))[0].config, scale=0.5)
+    assert written.keys() == expected.keys() and all(np.array_equal(written[k], v) for k, v in expected.items())
+    assert cli_main(["export", str(tmp_path / "adapter"), "--out", str(tmp_path / "b.gguf"), "--bias_only", "true"]) != 0
+    assert "is a LoRA adapter, not steering vectors" in capsys.readouterr().err
