@@ -6,7 +6,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export DS_ACCELERATOR := cpu
 
-.PHONY: setup lint test test-fast demo bench evidence evidence-stepwise chain-sum-failures grpo-soup evidence-issue8 gsm8k gsm8k-format
+.PHONY: setup lint test test-fast demo bench evidence evidence-stepwise chain-sum-failures grpo-soup evidence-issue8 gsm8k gsm8k-format gsm8k-lora
 
 setup:
 	@bash scripts/setup.sh
@@ -88,3 +88,13 @@ gsm8k-format: setup
 	@.venv/bin/brep-rl grpo --config configs/gsm8k/grpo_format.yaml --resume_from_checkpoint last
 	@.venv/bin/brep-rl eval --task gsm8k --split test --limit 1319 --batch_size 64 --max_new_tokens 256 --calculator true \
 		--steering artifacts/smollm2-gsm8k --steering gsm8k-grpo-format-48=runs/gsm8k_grpo_format/checkpoint-48 --output runs/gsm8k_test_format
+
+# Issue #17's reference: a LoRA r16 on the rows `make gsm8k` trains vectors on (`brep-rl lora-sft`, lr 5e-4, ~16-20 min
+# on 2 CPU cores), then all of GSM8K test with the calculator on llama.cpp, beside the base and the shipped format
+# pick (the LoRA as a llama.cpp LoRA adapter; ~60 min on a slow day: base 23, format pick 14, LoRA 24). Both resume.
+gsm8k-lora: setup
+	@.venv/bin/brep-rl lora-sft --config configs/gsm8k/sft.yaml --learning_rate 0.0005 --validation_steps 0 \
+		--output_dir runs/gsm8k_lora_sft --resume_from_checkpoint last
+	@.venv/bin/brep-rl eval --task gsm8k --split test --limit 1319 --batch_size 64 --max_new_tokens 256 --calculator true \
+		--steering artifacts/smollm2-gsm8k-grpo-format --lora gsm8k-lora-sft=runs/gsm8k_lora_sft \
+		--output runs/gsm8k_test_calc_lora
