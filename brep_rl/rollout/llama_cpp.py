@@ -133,7 +133,7 @@ class LlamaCppBackend:
     def use_lora(self, adapter: str | Path | None) -> None:
         """Generate with this llama.cpp LoRA adapter (a GGUF, see brep_rl.lora_gguf) from now on; None: without."""
         if self.lora:
-            if self.ctx:
+            if self.ctx:  # off the context before it is freed
                 self.lib.llama_set_adapters_lora(self.ctx, None, 0, None)
             self.lib.llama_adapter_lora_free(self.lora)
             self.lora = None
