@@ -130,7 +130,6 @@ def _inspect(args: InspectArguments) -> None:
 
 def _export(args: ExportArguments) -> None:
     from brep_rl.lora_gguf import is_peft_adapter
-    from brep_rl.model import gguf_as_f32, gguf_path
     from brep_rl.steering import read_artifact
     from brep_rl.steering.gguf import export_control_vector
 
@@ -140,16 +139,23 @@ def _export(args: ExportArguments) -> None:
     if args.bias_only:
         print("--bias-only: exporting the bias vectors; the prefix vectors are dropped", file=sys.stderr)
     out = export_control_vector(args.artifact, args.out, args.scale, args.bias_only)
-    base = gguf_path(read_artifact(args.artifact)[0].base_model or "")
-    model = gguf_as_f32(base) if base else "BASE.gguf"  # the fp32 copy: the weights brep-rl trained against
-    print(f"control vector: {out}\nserve it: llama-server -m {model} --control-vector {out}")
+    print(f"control vector: {out}\nserve it: llama-server -m {_served_base(read_artifact(args.artifact)[0].base_model)} "
+          f"--control-vector {out}")
+
+
+def _served_base(name: str | None) -> str:
+    """The GGUF to serve an export with: the fp32 copy of the base, the weights brep-rl trained against."""
+    from brep_rl.model import gguf_as_f32, gguf_path
+
+    base = gguf_path(name or "")
+    return str(gguf_as_f32(base)) if base else "BASE.gguf"
 
 
 def _export_lora(args: ExportArguments) -> None:
     from transformers import AutoConfig
 
     from brep_rl.lora_gguf import ADAPTER_CONFIG, export_lora_gguf
-    from brep_rl.model import gguf_as_f32, gguf_path, resolve_model_path
+    from brep_rl.model import resolve_model_path
 
     if args.bias_only:
         raise ConfigError(f"--bias_only: {args.artifact} is a LoRA adapter, not steering vectors with a bias part")
@@ -157,8 +163,7 @@ def _export_lora(args: ExportArguments) -> None:
     if not base:
         raise ConfigError(f"{args.artifact}: its {ADAPTER_CONFIG} names no base model: pass --model")
     out = export_lora_gguf(args.artifact, args.out, AutoConfig.from_pretrained(resolve_model_path(base)[0]), args.scale)
-    model = gguf_as_f32(gguf_path(base)) if gguf_path(base) else "BASE.gguf"
-    print(f"LoRA adapter: {out}\nserve it: llama-server -m {model} --lora {out}")
+    print(f"LoRA adapter: {out}\nserve it: llama-server -m {_served_base(base)} --lora {out}")
 
 
 def _merge(args: MergeArguments) -> None:

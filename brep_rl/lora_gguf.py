@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -92,22 +91,8 @@ def lora_tensors(adapter: str | Path, model_config, scale: float = 1.0) -> dict[
 
 
 def export_lora_gguf(adapter: str | Path, out: str | Path, model_config, scale: float = 1.0) -> Path:
-    """Write the adapter (times `scale`) as a llama.cpp LoRA GGUF for the base `model_config` describes (written
-    beside, then renamed)."""
-    import gguf
+    """Write the adapter (times `scale`) as a llama.cpp LoRA GGUF for the base `model_config` describes."""
+    from brep_rl.steering.gguf import write_gguf
 
-    tensors = lora_tensors(adapter, model_config, scale)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), "llama")
-    writer.add_string("general.type", "adapter")
-    writer.add_string("adapter.type", "lora")
-    for name, value in tensors.items():
-        writer.add_tensor(name, value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, out)
-    return out
+    return write_gguf(out, "llama", {"general.type": "adapter", "adapter.type": "lora"},
+                      lora_tensors(adapter, model_config, scale))

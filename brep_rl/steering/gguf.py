@@ -7,6 +7,7 @@ has no direction.0 (it refuses one) and applies a control vector at every positi
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -37,24 +38,37 @@ def control_vector_layers(config: SteeringConfig, tensors: dict[str, torch.Tenso
     return {layer: tensors["bias"][row].float().numpy() for row, layer in enumerate(layers)}
 
 
-def export_control_vector(artifact: str | Path, out: str | Path, scale: float = 1.0, bias_only: bool = False) -> Path:
-    """Write the artifact's bias vectors (times `scale`) as a llama.cpp control-vector GGUF."""
+def write_gguf(out: str | Path, arch: str, fields: dict[str, str | int], tensors: dict[str, np.ndarray]) -> Path:
+    """A GGUF file of architecture `arch` with string and uint32 `fields` and `tensors`, written beside and renamed:
+    llama.cpp never reads half a file."""
     import gguf
 
-    config, tensors = read_artifact(artifact)
-    vectors = control_vector_layers(config, tensors, bias_only)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(out), "controlvector")
-    writer.add_string("controlvector.model_hint", config.model_type or "")
-    writer.add_uint32("controlvector.layer_count", len(vectors))
-    for layer, vector in vectors.items():
-        writer.add_tensor(f"direction.{layer}", (vector * scale).astype(np.float32))
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    for key, value in fields.items():
+        if isinstance(value, int):
+            writer.add_uint32(key, value)
+        else:
+            writer.add_string(key, value)
+    for name, tensor in tensors.items():
+        writer.add_tensor(name, tensor)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    os.replace(tmp, out)
     return out
+
+
+def export_control_vector(artifact: str | Path, out: str | Path, scale: float = 1.0, bias_only: bool = False) -> Path:
+    """Write the artifact's bias vectors (times `scale`) as a llama.cpp control-vector GGUF."""
+    config, tensors = read_artifact(artifact)
+    vectors = control_vector_layers(config, tensors, bias_only)
+    fields = {"controlvector.model_hint": config.model_type or "", "controlvector.layer_count": len(vectors)}
+    return write_gguf(out, "controlvector", fields,
+                      {f"direction.{layer}": (vector * scale).astype(np.float32) for layer, vector in vectors.items()})
 
 
 def read_control_vector(path: str | Path) -> tuple[str | None, dict[int, np.ndarray]]:
