@@ -1,17 +1,22 @@
 """A PEFT LoRA trained with the data, rewards and settings of a steering run: the reference users would pick instead.
 
-GRPO is plain TRL (`GRPOTrainer(peft_config=...)`, TRL's own generation), SFT a plain transformers Trainer on the rows
-a steering SFT run trains on (truncated prefixes included), so the comparison is against what users know.
+GRPO is plain TRL (`GRPOTrainer(peft_config=...)`), SFT a plain transformers Trainer on the rows a steering SFT run
+trains on (truncated prefixes included), so the comparison is against what users know. GRPO's rollouts come from the
+backend a steering run would use: llama.cpp where it applies, with the adapter exported to it as a llama.cpp LoRA
+after every step and TRL's importance sampling correcting for the sampler (as TRL does with vLLM), or TRL's own
+transformers generation (`--rollout_backend transformers`).
 Run: python -m brep_rl.lora --config configs/evidence/grpo.yaml --output_dir runs/lora (the adapter lands there);
 `brep-rl lora-sft --config configs/gsm8k/sft.yaml --output_dir runs/lora_sft` for SFT.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import Trainer, set_seed
+from transformers import Trainer, TrainerCallback, set_seed
 from trl import GRPOTrainer
 
 from brep_rl.arguments import (
@@ -24,10 +29,12 @@ from brep_rl.arguments import (
     ValidationArguments,
 )
 from brep_rl.errors import ConfigError
-from brep_rl.grpo import prompt_dataset
+from brep_rl.grpo import BackendRollouts, check_sampling, prompt_dataset, quiet_experimental
+from brep_rl.lora_gguf import export_lora_gguf
 from brep_rl.model import load_base
+from brep_rl.rollout import Backend, TransformersBackend, make_backend
 from brep_rl.sft import SFTCollator, report_heldout_loss, sft_problems, sft_rows
-from brep_rl.training import add_validation, claim_output_dir, set_threads, train_and_save
+from brep_rl.training import add_validation, claim_output_dir, set_threads, train_and_save, zero3_enabled
 from reward import guarded, reward_functions
 
 
@@ -38,9 +45,6 @@ def run_lora_grpo(model_args: ModelArguments, lora_args: LoraArguments, data_arg
     if options := steering_only_options(data_args, train_args):
         raise ConfigError(f"{', '.join(options)}: the LoRA reference is plain TRL GRPO, which would ignore "
                           f"{'them' if len(options) > 1 else 'it'}; these are options of `brep-rl grpo` (drop them here)")
-    if train_args.rollout_backend not in ("auto", "transformers"):
-        raise ConfigError("--rollout_backend: LoRA rollouts run through TRL's own generation (auto or transformers), "
-                          f"got {train_args.rollout_backend!r}")
     claim_output_dir(train_args)
     set_threads(model_args)
     model, tokenizer = load_base(model_args.model, dtype=model_args.dtype)
@@ -48,11 +52,12 @@ def run_lora_grpo(model_args: ModelArguments, lora_args: LoraArguments, data_arg
     problems = data_args.training_problems(train_args.seed)
     funcs, train_args.reward_weights = reward_functions(*data_args.reward_names(train_args.reward_weights), data_args.fallback,
                                                          data_args.allow_reward_imports)
+    backend = make_backend(train_args.rollout_backend, model, tokenizer, model_args.model, [], torch.get_num_threads())
     set_seed(train_args.seed)  # TRL wraps the model in the adapter before its Trainer seeds anything
-    trainer = GRPOTrainer(
-        model=model, args=train_args, processing_class=tokenizer, peft_config=lora_config(lora_args),
-        reward_funcs=[guarded(f) for f in funcs], train_dataset=prompt_dataset(problems, data_args.instruction, data_args.system_prompt),
-    )
+    kwargs = dict(model=model, args=train_args, processing_class=tokenizer, peft_config=lora_config(lora_args),
+                  reward_funcs=[guarded(f) for f in funcs],
+                  train_dataset=prompt_dataset(problems, data_args.instruction, data_args.system_prompt))
+    trainer = GRPOTrainer(**kwargs) if isinstance(backend, TransformersBackend) else LoraGRPOTrainer(backend=backend, **kwargs)
     add_validation(trainer, val_args, data_args, model_args, train_args.seed)
     return train_and_save(trainer)
 
@@ -80,6 +85,45 @@ def run_lora_sft(model_args: ModelArguments, lora_args: LoraArguments, data_args
     if trainer.is_world_process_zero():
         print(f"LoRA adapter: {output} (compare it with the base: `brep-rl eval --lora {output}`)")
     return trainer
+
+
+class LoraGRPOTrainer(BackendRollouts, GRPOTrainer):
+    """TRL's GRPOTrainer with its rollouts from an external backend (llama.cpp): the adapter being trained is exported
+    to it as a llama.cpp LoRA before the first generation of every step and after every step (for validation)."""
+
+    def __init__(self, *, backend: Backend, args: SteeringGRPOConfig, **kwargs):
+        check_sampling(args, backend)
+        with quiet_experimental():
+            super().__init__(args=args, rollout_func=self._rollout, **kwargs)
+        if zero3_enabled(self):
+            raise ConfigError("--rollout_backend llama.cpp with a LoRA needs every rank to hold the whole adapter, "
+                              "which ZeRO-3 shards: use ZeRO-2 or --rollout_backend transformers")
+        self._init_rollouts(backend)
+        self.tool = None
+        self._exported_at: int | None = None  # the step whose adapter the backend holds
+        self._export_dir = tempfile.TemporaryDirectory(prefix="brep-rl-lora-")
+        self.add_callback(_ExportEveryStep(self))
+
+    def _rollout(self, prompts: list, trainer: GRPOTrainer) -> dict[str, list]:
+        if self._exported_at != self.state.global_step:  # the first step, fresh or resumed
+            self.export_adapter()
+        return super()._rollout(prompts, trainer)
+
+    def export_adapter(self) -> None:
+        """The live adapter, as PEFT saves it, into the backend as a llama.cpp LoRA."""
+        folder = Path(self._export_dir.name)
+        model = self.accelerator.unwrap_model(self.model)
+        model.save_pretrained(folder)
+        self.backend.use_lora(export_lora_gguf(folder, folder / "lora.gguf", model.config))
+        self._exported_at = self.state.global_step
+
+
+class _ExportEveryStep(TrainerCallback):
+    def __init__(self, trainer: LoraGRPOTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.export_adapter()  # before validation's on_step_end, which generates with the backend
 
 
 def lora_config(lora_args: LoraArguments) -> LoraConfig:

@@ -1,8 +1,8 @@
-"""The LoRA references: GRPO refuses rollout backends it cannot use and the options only the steering trainer acts
-on; a saved adapter merges back for the harness; validation keeps the best adapter as a steering run keeps its best
-vectors; SFT trains the adapter alone on a steering SFT run's rows and resumes to the uninterrupted run; the
-llama.cpp export refuses what llama.cpp's LoRA adapters cannot hold (it is checked against PEFT on SmolLM2 in
-tests/rollout)."""
+"""The LoRA references: GRPO on llama.cpp rollouts samples and validates with the adapter it trains (exported after
+every step) and resumes to the uninterrupted run; it refuses the options only the steering trainer acts on; a saved
+adapter merges back for the harness; validation keeps the best adapter as a steering run keeps its best vectors; SFT
+trains the adapter alone on a steering SFT run's rows and resumes to the uninterrupted run; the llama.cpp export
+refuses what llama.cpp's LoRA adapters cannot hold (it is checked against PEFT on SmolLM2 in tests/rollout)."""
 
 import json
 import re
@@ -13,18 +13,71 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
+import brep_rl.lora
 from brep_rl.cli import main as cli_main
 from brep_rl.errors import ArtifactError, ConfigError
 from brep_rl.lora import load_merged, main, sft_main
 from brep_rl.lora_gguf import lora_tensors
 from brep_rl.model import load_base
+from brep_rl.rollout import Sampling
 from brep_rl.validation import ValidationCallback
 from testing_utils import CHAIN, sft_args
 
 
-def test_lora_refuses_an_external_rollout_backend(tmp_path):
-    with pytest.raises(ValueError, match=r"--rollout_backend: LoRA rollouts run through TRL's own generation \(auto or transformers\), got 'llama.cpp'"):
-        main(["--output_dir", str(tmp_path), "--rollout_backend", "llama.cpp"])
+def lora_grpo_args(out, *extra) -> list[str]:
+    """A short LoRA GRPO run on SmolLM2 with llama.cpp rollouts; the learning rate is large so that one step moves
+    the adapter far enough for a stale sampler to show."""
+    return ["--model", "smollm2-135m", "--rollout_backend", "llama.cpp", "--task", "rg:chain_sum", "--rg_config", CHAIN,
+            "--limit", "40", "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_completion_length", "8",
+            "--max_steps", "2", "--save_steps", "1", "--learning_rate", "0.01", "--lr_scheduler_type", "constant",
+            "--lora_r", "4", "--eval_limit", "0", "--temperature", "1.0", "--logging_steps", "1", "--disable_tqdm", "true",
+            "--output_dir", str(out), "--extra_rewards", "testing_utils:text_length", "--allow_reward_imports", "true", *extra]
+
+
+def test_lora_grpo_on_llama_cpp_samples_from_the_adapter_it_trains(tmp_path):
+    main(lora_grpo_args(tmp_path / "run"))
+    logs = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    differences = [row["sampling/sampling_logp_difference/max"] for row in logs if "sampling/sampling_logp_difference/max" in row]
+    assert len(differences) == 2  # TRL's importance sampling saw the sampler's log-probs at both steps
+    moved = load_file(tmp_path / "run" / "checkpoint-1" / "adapter_model.safetensors")
+    assert max(v.abs().max().item() for k, v in moved.items() if "lora_B" in k) > 1e-3  # step 1 changed the policy
+    assert differences[1] < 0.05  # ...and step 2 sampled from the changed policy, not the base
+
+
+def test_validation_on_llama_cpp_measures_the_adapter_of_its_step(tmp_path, monkeypatch):
+    gaps = {}
+
+    def measure(self):  # how far llama.cpp's log-probs of a sample are from the live adapter's, at each validation
+        prompt = self.prompt_ids[0]
+        rollouts = self.backend.generate([prompt], 1, Sampling(8, temperature=1.0, seed=1))
+        completion = rollouts.completion_ids[0]
+        with torch.no_grad():
+            logits = self.trainer.model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]
+        policy = logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
+        gaps[self.trainer.state.global_step] = (policy - torch.tensor(rollouts.logprobs[0])).abs().max().item()
+        return {"accuracy": 0.0, "format": 1.0}
+
+    monkeypatch.setattr(ValidationCallback, "measure", measure)
+    main(lora_grpo_args(tmp_path / "run", "--validation_steps", "1", "--validation_limit", "2"))
+    assert sorted(gaps) == [0, 1, 2] and max(gaps.values()) < 0.05, gaps
+
+
+def test_a_resumed_lora_grpo_run_on_llama_cpp_equals_the_uninterrupted_one(tmp_path):
+    main(lora_grpo_args(tmp_path / "whole"))
+    main(lora_grpo_args(tmp_path / "cut", "--max_steps", "1"))  # "killed" after its step-1 checkpoint
+    main(lora_grpo_args(tmp_path / "cut", "--resume_from_checkpoint", "last"))
+    whole = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    cut = load_file(tmp_path / "cut" / "adapter_model.safetensors")
+    assert whole.keys() == cut.keys() and all(torch.allclose(cut[k], whole[k], atol=1e-6) for k in whole)
+    step_1 = load_file(tmp_path / "cut" / "checkpoint-1" / "adapter_model.safetensors")
+    assert not all(torch.allclose(cut[k], step_1[k]) for k in cut)  # the resumed step trained
+
+
+def test_lora_grpo_on_llama_cpp_refuses_zero3(tmp_path, monkeypatch):
+    monkeypatch.setattr(brep_rl.lora, "zero3_enabled", lambda trainer: True)
+    with pytest.raises(ConfigError, match=r"--rollout_backend llama.cpp with a LoRA needs every rank to hold the whole "
+                                          r"adapter, which ZeRO-3 shards"):
+        main(lora_grpo_args(tmp_path / "run"))
 
 
 def test_lora_refuses_the_options_plain_trl_would_ignore(tmp_path):
