@@ -89,7 +89,8 @@ def run_lora_sft(model_args: ModelArguments, lora_args: LoraArguments, data_args
 
 class LoraGRPOTrainer(BackendRollouts, GRPOTrainer):
     """TRL's GRPOTrainer with its rollouts from an external backend (llama.cpp): the adapter being trained is exported
-    to it as a llama.cpp LoRA before the first generation of every step and after every step (for validation)."""
+    to it as a llama.cpp LoRA after every step (so validation sees it too) and before a run's first generation (the
+    adapter of a resumed checkpoint, which ZeRO-2 loads only after training has begun)."""
 
     def __init__(self, *, backend: Backend, args: SteeringGRPOConfig, **kwargs):
         check_sampling(args, backend)
@@ -105,7 +106,7 @@ class LoraGRPOTrainer(BackendRollouts, GRPOTrainer):
         self.add_callback(_ExportEveryStep(self))
 
     def _rollout(self, prompts: list, trainer: GRPOTrainer) -> dict[str, list]:
-        if self._exported_at != self.state.global_step:  # the first step, fresh or resumed
+        if self._exported_at != self.state.global_step:  # a run's first generation, fresh or resumed
             self.export_adapter()
         return super()._rollout(prompts, trainer)
 
