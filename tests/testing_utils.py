@@ -84,6 +84,16 @@ def sft_args(model_dir, out, *extra):
     ]
 
 
+def lora_grpo_args(out, *extra) -> list[str]:
+    """A short LoRA GRPO run on SmolLM2 with llama.cpp rollouts; the learning rate is large so that one step moves
+    the adapter far enough for a stale sampler to show."""
+    return ["--model", "smollm2-135m", "--rollout_backend", "llama.cpp", "--task", "rg:chain_sum", "--rg_config", CHAIN,
+            "--limit", "40", "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_completion_length", "8",
+            "--max_steps", "2", "--save_steps", "1", "--learning_rate", "0.01", "--lr_scheduler_type", "constant",
+            "--lora_r", "4", "--eval_limit", "0", "--temperature", "1.0", "--logging_steps", "1", "--disable_tqdm", "true",
+            "--output_dir", str(out), "--extra_rewards", "testing_utils:text_length", "--allow_reward_imports", "true", *extra]
+
+
 def launch(args, launcher, script="grpo_ranks.py", timeout=900, check=True):
     """Run tests/distributed/<script> under `launcher` (torchrun or accelerate launch) from the repository root."""
     path = os.pathsep.join(map(str, (ROOT, TESTS)))

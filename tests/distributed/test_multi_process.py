@@ -1,4 +1,5 @@
-"""Two processes on CPU (gloo): DDP under torchrun and accelerate, DeepSpeed ZeRO-2/3; every rank ends equal."""
+"""Two processes on CPU (gloo): DDP under torchrun and accelerate, DeepSpeed ZeRO-2/3; every rank ends equal, the LoRA
+reference on llama.cpp rollouts too."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from brep_rl.steering import relative_difference
-from testing_utils import ROOT, accelerate, grpo_args, launch, sft_args, torchrun
+from testing_utils import ROOT, accelerate, grpo_args, launch, lora_grpo_args, sft_args, torchrun
 
 
 @pytest.mark.slow
@@ -70,6 +71,22 @@ def test_two_process_deepspeed_grpo(tiny_model_dir, tmp_path, stage, steps):
         states = torch.load(path, weights_only=False)
         kept = set(states["module"] or {}) - {"brep_steering.bias", "brep_steering.prefix"}
         assert kept <= {"lm_head.weight", "model.embed_tokens.weight"}, (path.name, kept)  # the tied pair at most
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine, port", [("ddp", 29581), ("zero2", 29582)], ids=["ddp", "zero2"])
+def test_two_process_lora_grpo_on_llama_cpp_samples_from_the_adapter_on_every_rank(tmp_path, engine, port):
+    # each rank exports the adapter to its own llama.cpp sampler; a rank that did not would sample the base at step 2
+    out = tmp_path / engine
+    extra = [] if engine == "ddp" else ["--deepspeed", str(ROOT / "configs" / "deepspeed" / f"{engine}.json")]
+    proc = launch(lora_grpo_args(out, *extra), torchrun(port), script="lora_ranks.py")
+    assert proc.stdout.count("world 2 steps 2") == 2
+    rank0, rank1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+    assert max(v.abs().max().item() for k, v in rank0.items() if "lora_B" in k) > 1e-3
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    logs = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    differences = [row["sampling/sampling_logp_difference/max"] for row in logs if "sampling/sampling_logp_difference/max" in row]
+    assert len(differences) == 2 and differences[1] < 0.05, differences  # the largest over both ranks' samples
 
 
 class RunsCode:
