@@ -29,13 +29,13 @@ from brep_rl.arguments import (
     ValidationArguments,
 )
 from brep_rl.errors import ConfigError
-from brep_rl.grpo import BackendRollouts, check_sampling, prompt_dataset, quiet_experimental
+from brep_rl.grpo import DynamicSampling, check_sampling, prompt_dataset, quiet_experimental
 from brep_rl.lora_gguf import export_lora_gguf
 from brep_rl.model import load_base
 from brep_rl.rollout import Backend, TransformersBackend, make_backend
 from brep_rl.sft import SFTCollator, report_heldout_loss, sft_problems, sft_rows
 from brep_rl.training import add_validation, claim_output_dir, set_threads, train_and_save, zero3_enabled
-from reward import guarded, reward_functions
+from reward import guarded, reward_function, reward_functions
 
 
 def run_lora_grpo(model_args: ModelArguments, lora_args: LoraArguments, data_args: GRPODataArguments,
@@ -43,9 +43,9 @@ def run_lora_grpo(model_args: ModelArguments, lora_args: LoraArguments, data_arg
     """Train the adapter, save it to output_dir; returns output_dir. With validation steps, the adapter with the best
     validation accuracy is kept in output_dir/best, as a steering run keeps its vectors."""
     if options := steering_only_options(data_args, train_args):
-        raise ConfigError(f"{', '.join(options)}: the LoRA reference is plain TRL GRPO, which would ignore "
-                          f"{'them' if len(options) > 1 else 'it'}; these are options of `brep-rl grpo` (drop them here)")
-    claim_output_dir(train_args)
+        raise ConfigError(f"{', '.join(options)}: the LoRA reference is TRL's GRPO (with dynamic sampling at most), "
+                          f"which would ignore {'them' if len(options) > 1 else 'it'}; these are options of `brep-rl grpo` "
+                          "(drop them here)")
     set_threads(model_args)
     model, tokenizer = load_base(model_args.model, dtype=model_args.dtype)
     model.train()
@@ -53,11 +53,18 @@ def run_lora_grpo(model_args: ModelArguments, lora_args: LoraArguments, data_arg
     funcs, train_args.reward_weights = reward_functions(*data_args.reward_names(train_args.reward_weights), data_args.fallback,
                                                          data_args.allow_reward_imports)
     backend = make_backend(train_args.rollout_backend, model, tokenizer, model_args.model, [], torch.get_num_threads())
+    if train_args.dynamic_sampling and isinstance(backend, TransformersBackend):
+        raise ConfigError("--dynamic_sampling with a LoRA needs llama.cpp rollouts (--rollout_backend llama.cpp, or auto "
+                          "with a GGUF base and llama-cpp-python installed): TRL's own generation cannot refill groups")
+    claim_output_dir(train_args)
     set_seed(train_args.seed)  # TRL wraps the model in the adapter before its Trainer seeds anything
     kwargs = dict(model=model, args=train_args, processing_class=tokenizer, peft_config=lora_config(lora_args),
                   reward_funcs=[guarded(f) for f in funcs],
                   train_dataset=prompt_dataset(problems, data_args.instruction, data_args.system_prompt))
-    trainer = GRPOTrainer(**kwargs) if isinstance(backend, TransformersBackend) else LoraGRPOTrainer(backend=backend, **kwargs)
+    if isinstance(backend, TransformersBackend):
+        trainer = GRPOTrainer(**kwargs)
+    else:
+        trainer = LoraGRPOTrainer(backend=backend, accuracy_reward=reward_function("accuracy", data_args.fallback), **kwargs)
     add_validation(trainer, val_args, data_args, model_args, train_args.seed)
     return train_and_save(trainer)
 
@@ -87,12 +94,14 @@ def run_lora_sft(model_args: ModelArguments, lora_args: LoraArguments, data_args
     return trainer
 
 
-class LoraGRPOTrainer(BackendRollouts, GRPOTrainer):
+class LoraGRPOTrainer(DynamicSampling, GRPOTrainer):
     """TRL's GRPOTrainer with its rollouts from an external backend (llama.cpp): the adapter being trained is exported
     to it as a llama.cpp LoRA after every step (so validation sees it too) and before a run's first generation (the
-    adapter of a resumed checkpoint, which ZeRO-2 loads only after training has begun)."""
+    adapter of a resumed checkpoint, which ZeRO-2 loads only after training has begun). With --dynamic_sampling the
+    groups are filtered and refilled as a steering run's are (`accuracy_reward`: the binary reward they are filtered
+    on)."""
 
-    def __init__(self, *, backend: Backend, args: SteeringGRPOConfig, **kwargs):
+    def __init__(self, *, backend: Backend, args: SteeringGRPOConfig, accuracy_reward=None, **kwargs):
         check_sampling(args, backend)
         with quiet_experimental():
             super().__init__(args=args, rollout_func=self._rollout, **kwargs)
@@ -101,14 +110,15 @@ class LoraGRPOTrainer(BackendRollouts, GRPOTrainer):
                               "which ZeRO-3 shards: use ZeRO-2 or --rollout_backend transformers")
         self._init_rollouts(backend)
         self.tool = None
+        self._init_dynamic_sampling(accuracy_reward)
         self._exported_at: int | None = None  # the step whose adapter the backend holds
         self._export_dir = tempfile.TemporaryDirectory(prefix="brep-rl-lora-")
         self.add_callback(_ExportEveryStep(self))
 
-    def _rollout(self, prompts: list, trainer: GRPOTrainer) -> dict[str, list]:
+    def _generate_and_score_completions(self, inputs):
         if self._exported_at != self.state.global_step:  # a run's first generation, fresh or resumed
             self.export_adapter()
-        return super()._rollout(prompts, trainer)
+        return super()._generate_and_score_completions(inputs)
 
     def export_adapter(self) -> None:
         """The live adapter, as PEFT saves it, into the backend as a llama.cpp LoRA."""
@@ -135,7 +145,7 @@ def lora_config(lora_args: LoraArguments) -> LoraConfig:
 def steering_only_options(data_args: GRPODataArguments, train_args: SteeringGRPOConfig) -> list[str]:
     """The flags set that only the steering trainer (SteeringGRPOTrainer and run_grpo) acts on."""
     set_flags = {
-        "--dynamic_sampling": train_args.dynamic_sampling, "--demonstrations": train_args.demonstrations,
+        "--demonstrations": train_args.demonstrations,
         "--hint_share": train_args.hint_share > 0, "--calculator": train_args.calculator,
         "--curriculum": data_args.curriculum is not None, "--solutions": data_args.solutions != "reference",
         "--train_on_failures": data_args.train_on_failures is not None,

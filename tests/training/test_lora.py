@@ -21,7 +21,7 @@ from brep_rl.lora_gguf import lora_tensors
 from brep_rl.model import load_base
 from brep_rl.rollout import Sampling
 from brep_rl.validation import ValidationCallback
-from testing_utils import CHAIN, lora_grpo_args, sft_args
+from testing_utils import CHAIN, lora_grpo_args, rare_hit, sft_args
 
 
 def test_lora_grpo_on_llama_cpp_samples_from_the_adapter_it_trains(tmp_path):
@@ -52,10 +52,29 @@ def test_validation_on_llama_cpp_measures_the_adapter_of_its_step(tmp_path, monk
     assert sorted(gaps) == [0, 1, 2] and max(gaps.values()) < 0.05, gaps
 
 
-def test_a_resumed_lora_grpo_run_on_llama_cpp_equals_the_uninterrupted_one(tmp_path):
-    main(lora_grpo_args(tmp_path / "whole"))
-    main(lora_grpo_args(tmp_path / "cut", "--max_steps", "1"))  # "killed" after its step-1 checkpoint
-    main(lora_grpo_args(tmp_path / "cut", "--resume_from_checkpoint", "last"))
+def dynamic_sampling_args(monkeypatch) -> list[str]:
+    """Dynamic sampling on a binary reward SmolLM2's short samples earn now and then (the filter reads it too)."""
+    monkeypatch.setattr(brep_rl.lora, "reward_function", lambda name, fallback: rare_hit)
+    return ["--dynamic_sampling", "true", "--max_refills", "3", "--rewards", "testing_utils:rare_hit"]
+
+
+def test_lora_grpo_with_dynamic_sampling_trains_on_the_groups_it_scored(tmp_path, monkeypatch):
+    main(lora_grpo_args(tmp_path / "run", *dynamic_sampling_args(monkeypatch), "--max_steps", "3"))
+    logs = [row for row in json.loads((tmp_path / "run" / "trainer_state.json").read_text())["log_history"] if "reward" in row]
+    assert len(logs) == 3
+    for log in logs:  # TRL trained on the very groups the filter kept: the same share is without signal
+        assert log["frac_reward_zero_std"] == log["dynamic/zero_variance_after"] <= log["dynamic/zero_variance_before"]
+    assert any(log["dynamic/zero_variance_after"] < log["dynamic/zero_variance_before"] for log in logs)  # it filtered
+    # the refilled groups came from the adapter being trained, as the first draw did
+    assert all(log["sampling/sampling_logp_difference/max"] < 0.05 for log in logs[1:])
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["plain", "dynamic-sampling"])
+def test_a_resumed_lora_grpo_run_on_llama_cpp_equals_the_uninterrupted_one(tmp_path, monkeypatch, dynamic):
+    extra = dynamic_sampling_args(monkeypatch) if dynamic else []
+    main(lora_grpo_args(tmp_path / "whole", *extra))
+    main(lora_grpo_args(tmp_path / "cut", *extra, "--max_steps", "1"))  # "killed" after its step-1 checkpoint
+    main(lora_grpo_args(tmp_path / "cut", *extra, "--resume_from_checkpoint", "last"))
     whole = load_file(tmp_path / "whole" / "adapter_model.safetensors")
     cut = load_file(tmp_path / "cut" / "adapter_model.safetensors")
     assert whole.keys() == cut.keys() and all(torch.allclose(cut[k], whole[k], atol=1e-6) for k in whole)
@@ -70,11 +89,14 @@ def test_lora_grpo_on_llama_cpp_refuses_zero3(tmp_path, monkeypatch):
         main(lora_grpo_args(tmp_path / "run"))
 
 
-def test_lora_refuses_the_options_plain_trl_would_ignore(tmp_path):
-    with pytest.raises(ConfigError, match=r"^--dynamic_sampling, --demonstrations, --solutions: the LoRA reference is "
-                                          r"plain TRL GRPO, which would ignore them"):
+def test_lora_refuses_the_options_its_trainer_would_ignore(tmp_path):
+    with pytest.raises(ConfigError, match=r"^--demonstrations, --solutions: the LoRA reference is TRL's GRPO \(with "
+                                          r"dynamic sampling at most\), which would ignore them"):
         main(["--output_dir", str(tmp_path / "x"), "--dynamic_sampling", "true", "--demonstrations", "true",
               "--solutions", "stepwise"])
+    with pytest.raises(ConfigError, match=r"^--dynamic_sampling with a LoRA needs llama.cpp rollouts"):
+        main(["--output_dir", str(tmp_path / "x"), "--dynamic_sampling", "true", "--rollout_backend", "transformers",
+              "--model", "smollm2-135m"])
     with pytest.raises(ConfigError, match=r"^--curriculum: .* would ignore it;"):
         main(["--output_dir", str(tmp_path / "x"), "--curriculum", "chain_sum"])
     assert not (tmp_path / "x").exists()  # refused before the output folder is claimed
