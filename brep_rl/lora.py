@@ -4,7 +4,8 @@ GRPO is plain TRL (`GRPOTrainer(peft_config=...)`), SFT a plain transformers Tra
 trains on (truncated prefixes included), so the comparison is against what users know. GRPO's rollouts come from the
 backend a steering run would use: llama.cpp where it applies, with the adapter exported to it as a llama.cpp LoRA
 after every step and TRL's importance sampling correcting for the sampler (as TRL does with vLLM), or TRL's own
-transformers generation (`--rollout_backend transformers`).
+transformers generation (`--rollout_backend transformers`). On llama.cpp `--dynamic_sampling` filters and refills
+groups as a steering run does (the same code, grpo.DynamicSampling); the loss stays TRL's.
 Run: python -m brep_rl.lora --config configs/evidence/grpo.yaml --output_dir runs/lora (the adapter lands there);
 `brep-rl lora-sft --config configs/gsm8k/sft.yaml --output_dir runs/lora_sft` for SFT.
 """
