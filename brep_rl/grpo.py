@@ -53,6 +53,7 @@ from reward import guarded, reward_failures, reward_function, reward_functions, 
 
 logger = logging.getLogger(__name__)
 
+
 class SteeringDisabled(nn.Module):
     """The KL reference policy: the very same model with steering switched off (no second copy in memory)."""
 
@@ -279,6 +280,8 @@ class DynamicSampling(BackendRollouts):
             rng = random.Random(seed)
             rows = [self.train_dataset[rng.randrange(len(self.train_dataset))] for _ in range(count)]
         return [[dict(row) for _ in range(self.num_generations)] for row in rows]
+
+
 class SteeringGRPOTrainer(SteeringTrainerMixin, DynamicSampling, GRPOTrainer):
     """`backend`: None or a TransformersBackend generates with TRL's own loop, unless dynamic sampling needs the
     rollouts first; any other backend (llama.cpp) through TRL's `rollout_func`, with the vectors pushed to it after
@@ -336,7 +339,6 @@ class SteeringGRPOTrainer(SteeringTrainerMixin, DynamicSampling, GRPOTrainer):
                 self._metrics["train"][key].append(value)
             inputs = self._buffered_inputs[self._step % self.args.steps_per_generation]
         return inputs
-
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
