@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-from reward.rewards import format_reward, make_accuracy_reward
+from reward.rewards import format_reward, intermediate_reward, make_accuracy_reward
 
 RewardFunction = Callable[..., list]
 REWARDS: dict[str, Callable[[str], RewardFunction]] = {}
@@ -41,6 +41,12 @@ def _accuracy(fallback: str) -> RewardFunction:
 def _format(fallback: str) -> RewardFunction:
     """1 when the completion states its final answer as \\boxed{...} or `#### N`."""
     return format_reward
+
+
+@register_reward("intermediate")
+def _intermediate(fallback: str) -> RewardFunction:
+    """F1 between the results the completion states (after `=`, `####`) and the reference solution's."""
+    return intermediate_reward
 
 
 def reward_function(name: str, fallback: str = "last_number", allow_imports: bool = False) -> RewardFunction:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from typing import Any
 
 from reward.extract import extract_answer, has_final_answer_format
@@ -39,6 +40,42 @@ def make_accuracy_reward(fallback: str = "last_number", verifier: Verifier | Non
 def format_reward(prompts=None, completions=(), **kwargs) -> list[float]:
     """1.0 when the completion states its final answer explicitly (\\boxed{...} or `#### N`)."""
     return [1.0 if has_final_answer_format(completion_text(c)) else 0.0 for c in completions]
+
+
+# A stated result: "= 24", "= $0.2", "= 1,200", "= 7/2", "#### 72" (the number right after `=` or `####`).
+_RESULT_RE = re.compile(r"(?:=|####)\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)")
+
+
+def stated_results(text: str) -> set[float]:
+    """The numbers a worked solution states after `=` or `####`, as values (commas dropped, a/b divided, rounded to 1e-6)."""
+    values = set()
+    for number in _RESULT_RE.findall(text):
+        numerator, _, denominator = number.replace(",", "").partition("/")
+        if denominator and float(denominator) == 0:
+            continue
+        values.add(round(float(numerator) / (float(denominator) if denominator else 1.0), 6))
+    return values
+
+
+def intermediate_reward(prompts=None, completions=(), solution=(), **kwargs) -> list[float | None]:
+    """Partial credit for the right quantities: the F1 between the results a completion states (after `=` or `####`)
+    and those of the reference `solution` (GSM8K's: one per calculator step, and the final answer). A wrong final answer
+    reached through some right steps scores above one with none, so a group whose answers are all wrong still has a
+    signal; stating numbers the reference does not reach lowers the score. None (no reward) for a row without a
+    solution."""
+    if len(solution) != len(completions):
+        raise ValueError(f"intermediate_reward: {len(completions)} completions but {len(solution)} solutions "
+                         "(dataset column 'solution')")
+    scores: list[float | None] = []
+    for completion, reference in zip(completions, solution):
+        wanted = stated_results(reference) if reference else set()
+        if not wanted:
+            scores.append(None)
+            continue
+        stated = stated_results(completion_text(completion))
+        hits = len(stated & wanted)
+        scores.append(2 * hits / (len(stated) + len(wanted)))
+    return scores
 
 
 accuracy_reward = make_accuracy_reward()

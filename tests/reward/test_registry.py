@@ -6,12 +6,13 @@ from reward import REWARDS, RewardConfigError, register_reward, reward_function,
 
 
 def test_registered_rewards_score_completions():
-    assert {"accuracy", "format"} <= set(REWARDS)
-    funcs, weights = reward_functions(["accuracy", "format"], [1.0, 0.25], fallback="last_number")
-    completions = ["so 4\n#### 4", "it is 5"]
+    assert {"accuracy", "format", "intermediate"} <= set(REWARDS)
+    funcs, weights = reward_functions(["accuracy", "format", "intermediate"], [1.0, 0.25, 0.5], fallback="last_number")
+    completions = ["so 2 + 2 = 4\n#### 4", "it is 5"]
     assert funcs[0](prompts=None, completions=completions, answer=["4", "4"]) == [1.0, 0.0]
     assert funcs[1](prompts=None, completions=completions) == [1.0, 0.0]
-    assert weights == [1.0, 0.25]
+    assert funcs[2](prompts=None, completions=completions, solution=["2 + 2 = 4\n#### 4"] * 2) == [1.0, 0.0]
+    assert weights == [1.0, 0.25, 0.5]
 
 
 def test_a_new_reward_registers_by_name(monkeypatch):

@@ -10,7 +10,9 @@ from reward import (
     extract_answer,
     format_reward,
     has_final_answer_format,
+    intermediate_reward,
     make_accuracy_reward,
+    stated_results,
 )
 
 
@@ -129,3 +131,33 @@ def test_trl_reward_functions_score_strings_and_messages(verifier):
     assert accuracy_reward.__name__ == "accuracy_reward"
     with pytest.raises(ValueError, match="3 completions but 2 gold answers"):
         accuracy(completions=completions, answer=answers[:2])
+
+
+def test_stated_results_reads_the_numbers_after_equals_and_hashes():
+    text = "She earns 12/60 = $0.2 a minute, 0.2 x 6,000 = 1,200 in all, half of 7 = 7/2, 5/0 = 3/0\n#### 72"
+    assert stated_results(text) == {0.2, 1200.0, 3.5, 72.0}
+    assert stated_results("48 plus 24 is 72") == set()
+
+
+def test_intermediate_reward_gives_partial_credit_for_the_right_quantities():
+    solution = "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether.\n#### 72"
+    completions = [
+        "In May 48/2 = 24, in all 48 + 24 = 72\n#### 72",  # every quantity
+        "In May 48/2 = 24, in all 48 * 24 = 1152\n#### 1152",  # the first step right, the answer wrong
+        "In May 48 * 2 = 96, in all 48 + 96 = 144\n#### 144",  # nothing right
+        "48/2 = 24, 1 = 1, 2 = 2, 3 = 3, 4 = 4\n#### 5",  # the right step among numbers the reference never states
+        [{"role": "assistant", "content": "48/2 = 24\n#### 72"}],
+    ]
+    scores = intermediate_reward(completions=completions, solution=[solution] * len(completions))
+    assert scores[0] == 1.0
+    assert scores[1] == pytest.approx(2 * 1 / (2 + 2))
+    assert scores[2] == 0.0
+    assert 0 < scores[3] < scores[1]
+    assert scores[4] == 1.0
+
+
+def test_intermediate_reward_skips_rows_without_a_solution_and_checks_the_column():
+    assert intermediate_reward(completions=["1 + 1 = 2"], solution=[None]) == [None]
+    assert intermediate_reward(completions=["1 + 1 = 2"], solution=["no results stated"]) == [None]
+    with pytest.raises(ValueError, match="column 'solution'"):
+        intermediate_reward(completions=["a", "b"], solution=["= 2"])
