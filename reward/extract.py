@@ -6,9 +6,9 @@ import re
 
 FALLBACKS = ("last_number", "none")
 
-_NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+"
-_NUMBER_RE = re.compile(_NUMBER)
-_LEADING_NUMBER_RE = re.compile(rf"^\s*\\?\$?\s*({_NUMBER})(?![\w^/])")
+NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+"  # 1,234 / 4.5 / 7/2 / .5
+_NUMBER_RE = re.compile(NUMBER)
+_LEADING_NUMBER_RE = re.compile(rf"^\s*\\?\$?\s*({NUMBER})(?![\w^/])")
 _HASHES_RE = re.compile(r"####\s*([^\n]*)")
 
 

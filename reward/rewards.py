@@ -11,7 +11,7 @@ import logging
 import re
 from typing import Any
 
-from reward.extract import extract_answer, has_final_answer_format
+from reward.extract import NUMBER, extract_answer, has_final_answer_format
 from reward.verify import Verifier, default_verifier
 
 
@@ -43,11 +43,12 @@ def format_reward(prompts=None, completions=(), **kwargs) -> list[float]:
 
 
 # A stated result: "= 24", "= $0.2", "= 1,200", "= 7/2", "#### 72" (the number right after `=` or `####`).
-_RESULT_RE = re.compile(r"(?:=|####)\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)")
+_RESULT_RE = re.compile(rf"(?:=|####)\s*\$?\s*({NUMBER})")
 
 
 def stated_results(text: str) -> set[float]:
-    """The numbers a worked solution states after `=` or `####`, as values (commas dropped, a/b divided, rounded to 1e-6)."""
+    """The numbers a worked solution states after `=` or `####`, as values (commas dropped, a/b divided, rounded to
+    1e-6)."""
     values = set()
     for number in _RESULT_RE.findall(text):
         numerator, _, denominator = number.replace(",", "").partition("/")
