@@ -39,7 +39,9 @@ def test_eval_compares_base_and_steered_and_writes_reports(tiny_llama, tokenizer
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 3 * 5 * 2
     assert set(records[0]) >= {"model", "problem_id", "sample", "prompt", "completion", "extracted", "gold", "correct", "tokens"}
-    assert (out / "summary.md").read_text().count("\n| ") == 4  # header + 3 models
+    table = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("|")]
+    assert len(table) == 5  # header, rule, 3 models
+    assert "| pass@2 | maj@2 |" in table[0] and len({line.count("|") for line in table}) == 1
     assert not hasattr(tiny_llama, "brep_steering")  # artifacts are detached afterwards
     base = [r for r in records if r["model"] == "base"]
     with_zero = evaluate(tiny_llama, tokenizer, settings, [artifact], [0.0], tmp_path / "zero", problems=PROBLEMS,
@@ -72,6 +74,8 @@ def test_eval_compares_lora_adapters_on_the_same_problems_and_takes_them_off_aga
     assert list(summary["models"]) == ["base", "vec", "adapter-a", loras[1]]  # a taken label: the adapter's path
     assert set(summary["paired_vs_reference"]) == {"adapter-a", loras[1]}  # each against the steering artifact
     assert torch.equal(tiny_llama(ids).logits, before)  # the plain model again
+    table = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("|")]
+    assert "pass@" not in table[0] and len({line.count("|") for line in table}) == 1  # one sample: no pass@1 column
     assert not any("lora" in name for name, _ in tiny_llama.named_modules())
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
 
