@@ -48,6 +48,7 @@ def test_eval_compares_base_and_steered_and_writes_reports(tiny_llama, tokenizer
                          progress=False)
     # scale 0 is the base, and every variant draws with the problem's seed: the same samples
     zero = [json.loads(line) for line in (tmp_path / "zero" / "samples.jsonl").read_text().splitlines()]
+
     def completions(label):
         return [(r["problem_id"], r["sample"], r["completion"]) for r in zero if r["model"] == label]
 
@@ -100,6 +101,7 @@ def test_eval_is_deterministic_and_resumes_after_a_kill(tiny_llama, tokenizer, t
     lines = (first / "samples.jsonl").read_text().splitlines()
     second = tmp_path / "b"
     evaluate(tiny_llama, tokenizer, settings, [], None, second, problems=PROBLEMS, progress=False)
+
     def without_timing(text):
         return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in text.splitlines()]
 
