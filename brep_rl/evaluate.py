@@ -364,17 +364,17 @@ def _delta(d: dict[str, float] | None) -> tuple[str, str]:
 def markdown_table(summary: dict[str, Any]) -> str:
     k = summary["settings"]["samples"]
     reference = summary.get("reference")
-    sampled = f" pass@{k} | maj@{k} |" if k > 1 else ""  # with one sample per problem both are the accuracy again
-    head = f"| model | n | accuracy (95% CI) |{sampled} format | mean tokens | tokens/s | Δ vs base (95% CI) | p |"
+    sampled_columns = f" pass@{k} | maj@{k} |" if k > 1 else ""  # with one sample per problem both are the accuracy again
+    head = f"| model | n | accuracy (95% CI) |{sampled_columns} format | mean tokens | tokens/s | Δ vs base (95% CI) | p |"
     if reference:
         head += f" Δ vs {reference} (95% CI) | p |"
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for label, m in summary["models"].items():
         delta, p = _delta(summary["paired_vs_base"].get(label))
-        sampled = f" {100 * m[f'pass@{k}']:.1f}% | {100 * m[f'maj@{k}']:.1f}% |" if k > 1 else ""
+        sampled_cells = f" {100 * m[f'pass@{k}']:.1f}% | {100 * m[f'maj@{k}']:.1f}% |" if k > 1 else ""
         row = (
             f"| {label} | {m['problems']} | {100 * m['accuracy']:.1f}% ({100 * m['accuracy_low']:.1f}–{100 * m['accuracy_high']:.1f}) "
-            f"|{sampled} {100 * m['format_rate']:.0f}% | {m['mean_tokens']:.0f} | {m['tokens_per_s']:.1f} | {delta} | {p} |"
+            f"|{sampled_cells} {100 * m['format_rate']:.0f}% | {m['mean_tokens']:.0f} | {m['tokens_per_s']:.1f} | {delta} | {p} |"
         )
         if reference:
             row += " {} | {} |".format(*_delta(summary["paired_vs_reference"].get(label)))
