@@ -6,7 +6,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export DS_ACCELERATOR := cpu
 
-.PHONY: setup lint test test-fast demo bench evidence evidence-stepwise chain-sum-failures grpo-soup evidence-issue8 gsm8k gsm8k-format gsm8k-lora
+.PHONY: setup lint test test-fast demo bench evidence evidence-stepwise evidence-up-proj chain-sum-failures grpo-soup evidence-issue8 gsm8k gsm8k-format gsm8k-lora
 
 setup:
 	@bash scripts/setup.sh
@@ -39,6 +39,11 @@ evidence: setup
 # vectors; 90 min on 2 CPU cores (docs/results.md); re-running resumes.
 evidence-stepwise: setup
 	@$(PY) scripts/evidence.py --config configs/evidence/smollm2_chain_sum_stepwise.yaml
+
+# Issue #15: the same two runs with the vectors on mlp.up_proj (BREP's site), the best chain_sum vectors; generated
+# with transformers, ~1.6 h on 2 CPU cores (projected from its stages' 85 min; docs/results.md); re-running resumes.
+evidence-up-proj: setup
+	@$(PY) scripts/evidence.py --config configs/evidence/smollm2_chain_sum_up_proj.yaml
 
 # The held-out chain_sum config of issue #15 (2 terms, 1-2 digits), as `brep-rl eval` flags.
 CHAIN_SUM := --task rg:chain_sum --rg_config '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}'

@@ -56,8 +56,8 @@ def test_steered_batch_rows_generate_as_alone_on_smollm2(steered):
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "artifacts").iterdir() if p.is_dir()))
-def test_the_shipped_artifacts_load_on_smollm2_and_suit_llama_cpp(smollm2, name):
-    from brep_rl.rollout import make_backend
+def test_the_shipped_artifacts_load_on_smollm2_and_get_the_backend_that_can_apply_them(smollm2, name):
+    from brep_rl.rollout import TransformersBackend, make_backend
     from brep_rl.rollout.llama_cpp import LlamaCppBackend
 
     model, tok = smollm2
@@ -65,6 +65,8 @@ def test_the_shipped_artifacts_load_on_smollm2_and_suit_llama_cpp(smollm2, name)
     steer = SteeringVectors.from_pretrained(artifact, model)
     try:
         assert steer.layer_ids == list(range(1, 30)) and float(steer.norms()["bias"].max()) > 0.1
-        assert isinstance(make_backend("auto", model, tok, "smollm2-135m", [steer.config], threads=2), LlamaCppBackend)
+        # llama.cpp applies vectors on a layer's output only; those inside the MLP (mlp.up_proj) need transformers
+        expected = LlamaCppBackend if steer.config.site == "mlp.down_proj" else TransformersBackend
+        assert isinstance(make_backend("auto", model, tok, "smollm2-135m", [steer.config], threads=2), expected)
     finally:
         steer.detach()
