@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from brep_rl.errors import ArtifactError, ConfigError
-from brep_rl.steering.config import CONFIG_NAME, SteeringConfig
+from brep_rl.steering.config import CONFIG_NAME, CONTROL_VECTOR_SITE, SteeringConfig
 
 WEIGHTS_NAME = "steering.safetensors"
 CARD_NAME = "README.md"
@@ -27,7 +27,7 @@ def model_card(config: SteeringConfig, tensors: dict[str, torch.Tensor]) -> str:
     provenance = config.provenance or {}
     metrics = {k: v for k, v in provenance.items() if "accuracy" in k or k in ("global_step", "stage", "task", "split")}
     size = sum(t.numel() for t in tensors.values())
-    exportable = config.site == "mlp.down_proj" and config.layers and 0 not in config.layers
+    exportable = config.site == CONTROL_VECTOR_SITE and config.layers and 0 not in config.layers
     lines = [
         "---", "library_name: brep-rl", f"base_model: {config.base_model}", "tags: [steering-vectors, brep-rl]", "---", "",
         f"# Steering vectors for {config.base_model}", "",

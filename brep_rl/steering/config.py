@@ -15,6 +15,8 @@ from brep_rl.files import to_json
 MODES = ("bias", "prefix", "bias+prefix")
 INITS = ("zeros", "normal")
 CONFIG_NAME = "steering_config.json"
+# a bias on this site adds straight into the layer's output: a llama.cpp control vector (the only site it can apply)
+CONTROL_VECTOR_SITE = "mlp.down_proj"
 
 
 @dataclass
@@ -36,7 +38,7 @@ class SteeringConfig:
     provenance: free-form record of how the vectors were trained (trainer, data, steps, ...).
     """
 
-    site: str = "mlp.down_proj"
+    site: str = CONTROL_VECTOR_SITE
     layers: list[int] | None = None
     mode: str = "bias"
     prefix_tokens: int = 8

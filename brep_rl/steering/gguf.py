@@ -16,9 +16,8 @@ import torch
 
 from brep_rl.errors import ArtifactError
 from brep_rl.steering.artifact import read_artifact
-from brep_rl.steering.config import SteeringConfig
+from brep_rl.steering.config import CONTROL_VECTOR_SITE, SteeringConfig
 
-CONTROL_VECTOR_SITE = "mlp.down_proj"
 _DIRECTION = re.compile(r"^direction\.(\d+)$")
 
 

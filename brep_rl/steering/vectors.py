@@ -27,7 +27,7 @@ from brep_rl.steering.artifact import (
     read_artifact,
     save_artifact,
 )
-from brep_rl.steering.config import SteeringConfig
+from brep_rl.steering.config import CONTROL_VECTOR_SITE, SteeringConfig
 from brep_rl.steering.hooks import SteeringHooks
 from brep_rl.steering.sites import decoder_layers, output_dim, site_module, steered_sites
 
@@ -298,7 +298,7 @@ class SteeringVectors(nn.Module):
     @classmethod
     def from_gguf(cls, path: str | Path, model: nn.Module) -> SteeringVectors:
         """Bias vectors from a llama.cpp control-vector GGUF (written by brep-rl, repeng or cvector-generator)."""
-        from brep_rl.steering.gguf import CONTROL_VECTOR_SITE, read_control_vector
+        from brep_rl.steering.gguf import read_control_vector
 
         hint, vectors = read_control_vector(path)
         model_type = model.config.model_type
