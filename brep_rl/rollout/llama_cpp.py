@@ -29,7 +29,6 @@ from brep_rl.errors import BackendUnavailable, ConfigError
 from brep_rl.rollout.base import Rollouts, Sampling, Tool
 from brep_rl.rollout.sampling import sample_token, sequence_rngs
 from brep_rl.steering import SteeringConfig, SteeringVectors
-from brep_rl.steering.config import CONTROL_VECTOR_SITE
 
 # Architectures whose llama.cpp graph adds the control vector to each layer's output and whose HF layers add
 # mlp.down_proj's output straight into the residual stream (not true of e.g. Gemma, which norms it first).
@@ -90,12 +89,8 @@ class LlamaCppBackend:
         if config.model_type not in LLAMA_CPP_ARCHITECTURES:
             raise BackendUnavailable(f"llama.cpp rollouts support model types {', '.join(LLAMA_CPP_ARCHITECTURES)}; "
                                      f"this model is {config.model_type!r}: use the transformers backend")
-        if config.site != CONTROL_VECTOR_SITE:
-            raise BackendUnavailable(f"llama.cpp control vectors act on a layer's output, i.e. steering site "
-                                     f"{CONTROL_VECTOR_SITE!r}; these vectors are on {config.site!r}: use the transformers backend")
-        if config.layers is None or 0 in config.layers:
-            raise BackendUnavailable("llama.cpp cannot steer layer 0 (its control vectors start at layer 1): steer "
-                                     f"layers 1..{self.n_layer - 1} or use the transformers backend")
+        if (obstacle := config.control_vector_obstacle()) is not None:
+            raise BackendUnavailable(f"{obstacle}: use the transformers backend")
         if (config.hidden_size, config.num_hidden_layers) != (self.n_embd, self.n_layer):
             raise BackendUnavailable(f"{self.gguf}: {self.n_layer} layers x {self.n_embd} dims, but the vectors are for "
                                      f"{config.num_hidden_layers} x {config.hidden_size}: not the same base model")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from brep_rl.errors import ArtifactError, ConfigError
-from brep_rl.steering.config import CONFIG_NAME, CONTROL_VECTOR_SITE, SteeringConfig
+from brep_rl.steering.config import CONFIG_NAME, SteeringConfig
 
 WEIGHTS_NAME = "steering.safetensors"
 CARD_NAME = "README.md"
@@ -27,7 +27,6 @@ def model_card(config: SteeringConfig, tensors: dict[str, torch.Tensor]) -> str:
     provenance = config.provenance or {}
     metrics = {k: v for k, v in provenance.items() if "accuracy" in k or k in ("global_step", "stage", "task", "split")}
     size = sum(t.numel() for t in tensors.values())
-    exportable = config.site == CONTROL_VECTOR_SITE and config.layers and 0 not in config.layers
     lines = [
         "---", "library_name: brep-rl", f"base_model: {config.base_model}", "tags: [steering-vectors, brep-rl]", "---", "",
         f"# Steering vectors for {config.base_model}", "",
@@ -47,7 +46,7 @@ def model_card(config: SteeringConfig, tensors: dict[str, torch.Tensor]) -> str:
               f'model, tokenizer = load_base("{config.base_model}")',
               'steer = SteeringVectors.from_pretrained("THIS_FOLDER", model)   # model.generate(...) is now steered',
               "```"]
-    if exportable:
+    if config.control_vector_obstacle() is None:
         lines += ["", "With llama.cpp (a control vector at every position"
                   + (": the prefix vectors are dropped" if config.uses_prefix else "") + "):", "", "```bash",
                   "brep-rl export THIS_FOLDER --out vectors.gguf" + (" --bias-only" if config.uses_prefix else ""),

@@ -66,6 +66,16 @@ class SteeringConfig:
     def uses_prefix(self) -> bool:
         return self.mode in ("prefix", "bias+prefix")
 
+    def control_vector_obstacle(self) -> str | None:
+        """Why a llama.cpp control vector (added to a layer's output, from layer 1 on) cannot carry these vectors, or
+        None when it can. Export, the model card and the llama.cpp backend each turn it into their own error."""
+        if self.site != CONTROL_VECTOR_SITE:
+            return (f"a llama.cpp control vector is added to a layer's output, i.e. on steering site "
+                    f"{CONTROL_VECTOR_SITE!r}; these vectors are on {self.site!r}, inside the layer")
+        if self.layers is None or 0 in self.layers:
+            return "llama.cpp control vectors cannot act on layer 0 (they start at layer 1): steer layers 1 and up"
+        return None
+
     def validate(self) -> None:
         def fail(name: str, expected: str, got: Any) -> None:
             raise ConfigError(f"SteeringConfig.{name}: expected {expected}, got {got!r}")

@@ -16,25 +16,21 @@ import torch
 
 from brep_rl.errors import ArtifactError
 from brep_rl.steering.artifact import read_artifact
-from brep_rl.steering.config import CONTROL_VECTOR_SITE, SteeringConfig
+from brep_rl.steering.config import SteeringConfig
 
 _DIRECTION = re.compile(r"^direction\.(\d+)$")
 
 
 def control_vector_layers(config: SteeringConfig, tensors: dict[str, torch.Tensor], bias_only: bool) -> dict[int, np.ndarray]:
     """{layer: vector} of an artifact as a control vector; refuses what llama.cpp would apply differently."""
-    if config.site != CONTROL_VECTOR_SITE:
-        raise ArtifactError(f"a llama.cpp control vector is added to a layer's output; these vectors are on "
-                            f"{config.site!r}, whose output is not the layer's output (only {CONTROL_VECTOR_SITE!r} is)")
+    if (obstacle := config.control_vector_obstacle()) is not None:
+        raise ArtifactError(obstacle)
     if config.uses_prefix and not bias_only:
         raise ArtifactError(f"mode {config.mode!r}: llama.cpp applies a control vector at every position, so a prefix "
                             "vector cannot be exported; pass --bias-only to export the bias part alone")
     if "bias" not in tensors:
         raise ArtifactError(f"mode {config.mode!r} has no bias vector to export")
-    layers = config.layers or list(range(tensors["bias"].shape[0]))
-    if 0 in layers:
-        raise ArtifactError("llama.cpp control vectors cannot act on layer 0 (it refuses direction.0): steer layers 1-")
-    return {layer: tensors["bias"][row].float().numpy() for row, layer in enumerate(layers)}
+    return {layer: tensors["bias"][row].float().numpy() for row, layer in enumerate(config.layers)}
 
 
 def write_gguf(out: str | Path, arch: str, fields: dict[str, str | int], tensors: dict[str, np.ndarray]) -> Path:

@@ -403,7 +403,7 @@ def test_vectors_take_effect_only_when_synced(smollm2, llama):
 def test_llama_cpp_refuses_what_it_cannot_apply(smollm2, llama):
     model, tok = smollm2
     for config, message in [
-        (SteeringConfig(layers=[0, 1]), "cannot steer layer 0"),
+        (SteeringConfig(layers=[0, 1]), "cannot act on layer 0"),
         (SteeringConfig(layers=[1, 2], site="mlp.up_proj"), "steering site 'mlp.down_proj'"),
     ]:
         steer = SteeringVectors.attach(model, config)

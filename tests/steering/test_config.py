@@ -53,3 +53,14 @@ def test_unknown_keys_and_bad_json_name_the_file(tmp_path):
     path.write_text(json.dumps({"mode": "sideways"}))
     with pytest.raises(ConfigError, match=r"c\.json: SteeringConfig\.mode"):
         SteeringConfig.from_json_file(path)
+
+
+@pytest.mark.parametrize("kwargs, obstacle", [
+    ({"layers": [1, 2]}, None),
+    ({"layers": [1, 2], "site": "mlp.up_proj"}, "these vectors are on 'mlp.up_proj', inside the layer"),
+    ({"layers": [0, 1]}, "cannot act on layer 0"),
+    ({}, "cannot act on layer 0"),  # all layers, layer 0 among them
+])
+def test_control_vector_obstacle_says_why_llama_cpp_cannot_apply_the_vectors(kwargs, obstacle):
+    found = SteeringConfig(**kwargs).control_vector_obstacle()
+    assert found == obstacle if obstacle is None else obstacle in found

@@ -41,7 +41,7 @@ def test_export_refuses_what_llama_cpp_would_apply_differently(tiny_llama, tmp_p
     with pytest.raises(ArtifactError, match=r"applies a control vector at every position.*--bias-only"):
         export_control_vector(prefix, tmp_path / "x.gguf")
     assert list(read_control_vector(export_control_vector(prefix, tmp_path / "b.gguf", bias_only=True))[1]) == [1, 2]
-    with pytest.raises(ArtifactError, match=r"'mlp.up_proj', whose output is not the layer's output"):
+    with pytest.raises(ArtifactError, match=r"these vectors are on 'mlp.up_proj', inside the layer"):
         export_control_vector(artifact(tiny_llama, tmp_path / "up", site="mlp.up_proj"), tmp_path / "y.gguf")
     with pytest.raises(ArtifactError, match="cannot act on layer 0"):
         export_control_vector(artifact(tiny_llama, tmp_path / "l0", layers=(0, 1)), tmp_path / "z.gguf")
@@ -102,3 +102,6 @@ def test_saved_artifacts_carry_a_model_card(tiny_llama, tmp_path):
     card = (artifact(tiny_llama, tmp_path / "vec") / "README.md").read_text()
     assert "base_model: tiny-llama" in card and "SteeringVectors.from_pretrained" in card
     assert "brep-rl export THIS_FOLDER --out vectors.gguf" in card
+    for name, kwargs in {"up": {"site": "mlp.up_proj"}, "l0": {"layers": (0, 1)}}.items():
+        card = (artifact(tiny_llama, tmp_path / name, **kwargs) / "README.md").read_text()
+        assert "SteeringVectors.from_pretrained" in card and "brep-rl export" not in card  # llama.cpp cannot apply them
