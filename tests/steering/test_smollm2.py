@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from brep_rl import SteeringConfig, SteeringVectors
-from brep_rl.steering.config import CONTROL_VECTOR_SITE
 from testing_utils import PROMPTS, ROOT
 
 pytestmark = pytest.mark.slow
@@ -67,7 +66,7 @@ def test_the_shipped_artifacts_load_on_smollm2_and_get_the_backend_that_can_appl
     try:
         assert steer.layer_ids == list(range(1, 30)) and float(steer.norms()["bias"].max()) > 0.1
         # llama.cpp applies vectors on a layer's output only; those inside the MLP (mlp.up_proj) need transformers
-        expected = LlamaCppBackend if steer.config.site == CONTROL_VECTOR_SITE else TransformersBackend
+        expected = LlamaCppBackend if steer.config.control_vector_obstacle() is None else TransformersBackend
         assert isinstance(make_backend("auto", model, tok, "smollm2-135m", [steer.config], threads=2), expected)
     finally:
         steer.detach()
